@@ -1,0 +1,84 @@
+//! Decode benchmark: loads a model directory and prints prompt tokens/s, decode tokens/s, time to first token,
+//! load time and peak RSS, as one line of JSON and a human line.
+//!
+//!   cargo bench --bench decode -- [--model DIR] [--prompt-tokens 64] [--tokens 64] [--threads N] [--runs 3]
+//!
+//! Without --model it uses the default model. For the 2B-4T shape:
+//!   python3 models/make_synthetic.py /tmp/syn2b4t && cargo run --release -- export --from /tmp/syn2b4t --out /tmp/syn2b4t-onnx
+//!   cargo bench --bench decode -- --model /tmp/syn2b4t-onnx
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use bitnetd::engine::{sampler::argmax, LoadOptions, Model};
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut model, mut prompt_tokens, mut tokens, mut threads, mut runs) =
+        (None, 64usize, 64usize, None, 3usize);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().expect("missing value");
+        match a.as_str() {
+            "--model" => model = Some(PathBuf::from(val())),
+            "--prompt-tokens" => prompt_tokens = val().parse().unwrap(),
+            "--tokens" => tokens = val().parse().unwrap(),
+            "--threads" => threads = Some(val().parse().unwrap()),
+            "--runs" => runs = val().parse().unwrap(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let dir = model.unwrap_or_else(bitnetd::default_model::default_model_dir);
+    let mut opts = LoadOptions::default();
+    if let Some(t) = threads {
+        opts.threads = t;
+    }
+    let t0 = Instant::now();
+    let m = Model::load(&dir, &opts).expect("loading the model");
+    let load_s = t0.elapsed().as_secs_f64();
+    let rss_loaded = peak_rss_mib();
+    let vocab = m.meta.architecture.vocab_size as u32;
+    let prompt: Vec<u32> = (0..prompt_tokens as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let (mut best_prefill, mut best_decode, mut best_ttft) = (0f64, 0f64, f64::MAX);
+    for _ in 0..runs {
+        let mut s = m.session().unwrap();
+        let t = Instant::now();
+        let mut logits = s.forward(&prompt).unwrap();
+        let prefill = t.elapsed().as_secs_f64();
+        let mut id = argmax(&logits);
+        let ttft = t.elapsed().as_secs_f64();
+        let td = Instant::now();
+        for _ in 1..tokens {
+            logits = s.forward(&[id]).unwrap();
+            id = argmax(&logits);
+        }
+        let decode = (tokens - 1) as f64 / td.elapsed().as_secs_f64();
+        best_prefill = best_prefill.max(prompt_tokens as f64 / prefill);
+        best_decode = best_decode.max(decode);
+        best_ttft = best_ttft.min(ttft);
+    }
+    let out = serde_json::json!({
+        "model": m.meta.name, "parameters": m.meta.parameters, "threads": m.threads(),
+        "prompt_tokens": prompt_tokens, "tokens": tokens, "runs": runs,
+        "prompt_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode, "ttft_ms": best_ttft * 1e3,
+        "load_s": load_s, "rss_after_load_mib": rss_loaded, "peak_rss_mib": peak_rss_mib(),
+        "inplace_kv_layers": m.inplace_kv_layers(),
+    });
+    println!("{out}");
+    eprintln!(
+        "{}: prefill {:.1} tok/s, decode {:.1} tok/s, TTFT {:.1} ms, load {:.2} s, peak RSS {:.0} MiB ({} threads)",
+        m.meta.name, best_prefill, best_decode, best_ttft * 1e3, load_s, peak_rss_mib(), m.threads()
+    );
+}

@@ -1,0 +1,19 @@
+//! The inference engine: an immutable [`Model`] shared as `Arc<Model>`, [`Session`]s holding their own KV cache,
+//! sampling, chat templates, and the [`Engine`] thread that runs validated requests off the async runtime.
+
+pub mod chat;
+mod error;
+mod model;
+pub mod request;
+pub mod sampler;
+mod session;
+pub mod text;
+mod worker;
+
+pub use chat::Message;
+pub use error::EngineError;
+pub use model::{LoadOptions, Model};
+pub use request::{GenerateParams, Prompt, ValidatedRequest};
+pub use sampler::SamplingParams;
+pub use session::{FinishReason, Generation, Session, TokenEvent, PREFILL_CHUNK};
+pub use worker::{CancelToken, Engine, JobEvent, JobHandle};

@@ -1,0 +1,221 @@
+//! A loaded model: the optimized tract plan, the tokenizer and the metadata, immutable and shared as
+//! `Arc<Model>` by every session.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
+use tract_onnx::tract_core::transform::get_transform;
+use tract_transformers::ops::inplace_kv_cache::InPlaceKvSdpa;
+
+use super::chat::{ChatTemplate, Message};
+use super::request::{GenerateParams, Prompt, ValidatedRequest};
+use super::session::Session;
+use super::EngineError;
+use crate::meta::{ModelMeta, ONNX_FILE, TOKENIZER_FILE};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Threads for tract's matrix products (1 runs on the calling thread).
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
+/// The graph inputs left after tract folds the KV cache into its own state, in plan order.
+pub(crate) struct InputSlots {
+    pub input_ids: usize,
+    pub attention_mask: usize,
+    pub position_ids: usize,
+}
+
+/// An exported model, loaded and optimized once.
+pub struct Model {
+    pub meta: ModelMeta,
+    pub dir: PathBuf,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) plan: Arc<TypedSimplePlan>,
+    pub(crate) slots: InputSlots,
+    chat: Option<ChatTemplate>,
+    inplace_kv_layers: usize,
+    threads: usize,
+}
+
+impl Model {
+    /// Loads the model directory `dir` (as written by `bitnetd export`).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Arc<Model>, EngineError> {
+        let err = |m: String| EngineError::Load {
+            path: dir.display().to_string(),
+            message: m,
+        };
+        if opts.threads == 0 {
+            return Err(err("threads must be at least 1".into()));
+        }
+        let meta = ModelMeta::read(dir).map_err(|e| err(e.to_string()))?;
+        let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER_FILE))
+            .map_err(|e| err(format!("tokenizer.json: {e}")))?;
+        let chat = match &meta.chat_template {
+            Some(t) => Some(ChatTemplate::new(
+                t,
+                meta.bos_token.as_deref(),
+                meta.eos_token.as_deref(),
+            )?),
+            None => None,
+        };
+        let mut typed = tract_onnx::onnx()
+            .model_for_path(dir.join(ONNX_FILE))
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| err(format!("{e:#}")))?;
+        let detect = get_transform("transformers_detect_all")
+            .map_err(|e| err(format!("{e:#}")))?
+            .ok_or_else(|| err("tract-transformers is not linked".into()))?;
+        detect
+            .transform(&mut typed)
+            .map_err(|e| err(format!("KV cache detection: {e:#}")))?;
+        typed
+            .optimize()
+            .map_err(|e| err(format!("optimizing: {e:#}")))?;
+        let inplace_kv_layers = typed
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<InPlaceKvSdpa>())
+            .count();
+        let slots = input_slots(&typed).map_err(err)?;
+        let executor = if opts.threads == 1 {
+            tract_linalg::multithread::Executor::SingleThread
+        } else {
+            tract_linalg::multithread::Executor::multithread(opts.threads)
+        };
+        let run = RunOptions {
+            executor: Some(executor),
+            ..Default::default()
+        };
+        let plan = typed
+            .into_runnable_with_options(&run)
+            .map_err(|e| err(format!("{e:#}")))?;
+        log::info!(
+            model = meta.name.as_str(), layers = meta.architecture.layers, threads = opts.threads,
+            inplace_kv = inplace_kv_layers; "model loaded"
+        );
+        Ok(Arc::new(Model {
+            meta,
+            dir: dir.to_path_buf(),
+            tokenizer,
+            plan,
+            slots,
+            chat,
+            inplace_kv_layers,
+            threads: opts.threads,
+        }))
+    }
+
+    /// Starts a session with an empty KV cache.
+    pub fn session(self: &Arc<Self>) -> Result<Session, EngineError> {
+        Session::new(self.clone())
+    }
+
+    /// How many attention layers run tract's fused in-place KV cache (`InPlaceKvSdpa`); equal to the layer count
+    /// when decode cost grows linearly with the context.
+    pub fn inplace_kv_layers(&self) -> usize {
+        self.inplace_kv_layers
+    }
+
+    /// Threads used for matrix products.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Tokenizes text. `special` adds the tokenizer's special tokens (BOS), as transformers' `tokenizer(text)`.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, EngineError> {
+        let enc = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, leaving out special tokens.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
+    /// Renders chat messages through the model's template.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String, EngineError> {
+        let t = self.chat.as_ref().ok_or_else(|| {
+            EngineError::ChatTemplate(format!(
+                "model {} has no chat template: send a prompt",
+                self.meta.name
+            ))
+        })?;
+        t.render(messages)
+    }
+
+    /// Validates a request against this model: parameters, tokenization, context length.
+    pub fn prepare(
+        &self,
+        prompt: &Prompt,
+        params: GenerateParams,
+    ) -> Result<ValidatedRequest, EngineError> {
+        params.validate()?;
+        let ids = match prompt {
+            Prompt::Text(t) => self.encode(t, true)?,
+            Prompt::Chat(m) => {
+                if m.is_empty() {
+                    return Err(EngineError::EmptyPrompt);
+                }
+                self.encode(&self.render_chat(m)?, false)?
+            }
+            Prompt::Ids(ids) => {
+                let vocab = self.meta.architecture.vocab_size as u32;
+                if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+                    return Err(EngineError::InvalidParam {
+                        name: "prompt_ids",
+                        message: format!("token {bad} >= vocab {vocab}"),
+                    });
+                }
+                ids.clone()
+            }
+        };
+        ValidatedRequest::new(
+            ids,
+            params,
+            self.meta.context_length,
+            &self.meta.stop_token_ids,
+        )
+    }
+}
+
+fn input_slots(model: &TypedModel) -> Result<InputSlots, String> {
+    let names: Vec<&str> = model
+        .input_outlets()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|o| model.node(o.node).name.as_str())
+        .collect();
+    let find = |n: &str| {
+        names
+            .iter()
+            .position(|x| *x == n)
+            .ok_or_else(|| format!("graph has no input {n:?}"))
+    };
+    if names.len() != 3 || model.output_outlets().map_err(|e| e.to_string())?.len() != 1 {
+        return Err(format!("the KV cache was not folded into tract state (inputs left: {names:?}); re-export the model"));
+    }
+    Ok(InputSlots {
+        input_ids: find("input_ids")?,
+        attention_mask: find("attention_mask")?,
+        position_ids: find("position_ids")?,
+    })
+}

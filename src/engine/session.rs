@@ -1,0 +1,188 @@
+//! A session: one sequence with its own KV cache (held in tract's op state), prefilled in chunks and decoded
+//! one token at a time.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tract_onnx::prelude::*;
+
+use super::request::ValidatedRequest;
+use super::sampler::Sampler;
+use super::text::TextStream;
+use super::{EngineError, Model};
+
+/// Prompt tokens fed to the model per step during prefill (bounds activation memory).
+pub const PREFILL_CHUNK: usize = 256;
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens`, or the end of the context.
+    Length,
+    /// The caller cancelled.
+    Cancelled,
+}
+
+/// One generated token, as streamed.
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text that became final with this token (may be empty, e.g. mid-character or a held-back stop prefix).
+    pub text: String,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub token_ids: Vec<u32>,
+    /// The whole answer (stop strings excluded).
+    pub text: String,
+    /// Text held back while streaming (a prefix of a stop string that never completed): a streaming consumer
+    /// appends it after the last token event.
+    pub trailing_text: String,
+    pub finish_reason: FinishReason,
+    /// Time to the first generated token (prefill + one sampling step).
+    pub ttft: Duration,
+    pub total: Duration,
+}
+
+impl Generation {
+    pub fn completion_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Decode speed: tokens after the first, per second of decoding.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let n = self.token_ids.len().saturating_sub(1) as f64;
+        let t = (self.total - self.ttft).as_secs_f64();
+        if n > 0.0 && t > 0.0 {
+            n / t
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One sequence over a shared model.
+pub struct Session {
+    model: Arc<Model>,
+    state: TypedSimpleState,
+    /// Tokens already in the KV cache.
+    past: usize,
+}
+
+impl Session {
+    pub(crate) fn new(model: Arc<Model>) -> Result<Self, EngineError> {
+        let state = model.plan.spawn().map_err(EngineError::inference)?;
+        Ok(Session {
+            model,
+            state,
+            past: 0,
+        })
+    }
+
+    /// Empties the KV cache.
+    pub fn reset(&mut self) -> Result<(), EngineError> {
+        self.state = self.model.plan.spawn().map_err(EngineError::inference)?;
+        self.past = 0;
+        Ok(())
+    }
+
+    /// Tokens in the KV cache.
+    pub fn len(&self) -> usize {
+        self.past
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.past == 0
+    }
+
+    /// Feeds `ids` after what the cache holds and returns the logits of the last position.
+    pub fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let n = ids.len();
+        let total = self.past + n;
+        let slots = &self.model.slots;
+        let mut inputs: TVec<TValue> = tvec![TValue::from(Tensor::default()); 3];
+        let t = |shape: &[usize], v: Vec<i64>| {
+            Tensor::from_shape(shape, &v).map_err(EngineError::inference)
+        };
+        inputs[slots.input_ids] = t(&[1, n], ids.iter().map(|&i| i as i64).collect())?.into();
+        inputs[slots.attention_mask] = t(&[1, total], vec![1; total])?.into();
+        inputs[slots.position_ids] = t(&[1, n], (self.past as i64..total as i64).collect())?.into();
+        let out = self.state.run(inputs).map_err(EngineError::inference)?;
+        self.past = total;
+        let logits = out[0]
+            .to_plain_array_view::<f32>()
+            .map_err(EngineError::inference)?;
+        Ok(logits.iter().copied().collect())
+    }
+
+    /// Runs a request from an empty cache, calling `on_token` for each generated token; `on_token` returning
+    /// `Break` cancels (the cancelled token is not part of the result).
+    pub fn generate(
+        &mut self,
+        req: &ValidatedRequest,
+        on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
+    ) -> Result<Generation, EngineError> {
+        let start = Instant::now();
+        self.reset()?;
+        let prompt = req.prompt_ids();
+        let mut logits = vec![];
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
+            logits = self.forward(chunk)?;
+        }
+        let mut sampler = Sampler::new(req.params().sampling.clone());
+        let mut history = prompt.to_vec();
+        let mut text = TextStream::new(req.params().stop.clone());
+        let mut generated = vec![];
+        let mut ttft = None;
+        let mut finish = FinishReason::Length;
+        while generated.len() < req.max_new_tokens() {
+            let id = sampler.sample(&mut logits, &history);
+            ttft.get_or_insert_with(|| start.elapsed());
+            if req.stop_ids().contains(&id) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            generated.push(id);
+            history.push(id);
+            let pushed = text.push(id, |ids| self.model.decode(ids));
+            if on_token(&TokenEvent {
+                id,
+                text: pushed.delta,
+            })
+            .is_break()
+            {
+                generated.pop();
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if pushed.stopped {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if generated.len() < req.max_new_tokens() {
+                logits = self.forward(&[id])?;
+            }
+        }
+        let trailing_text = if finish == FinishReason::Cancelled {
+            String::new()
+        } else {
+            text.finish()
+        };
+        Ok(Generation {
+            trailing_text,
+            prompt_tokens: prompt.len(),
+            token_ids: generated,
+            text: text.text().to_string(),
+            finish_reason: finish,
+            ttft: ttft.unwrap_or_else(|| start.elapsed()),
+            total: start.elapsed(),
+        })
+    }
+}

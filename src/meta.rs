@@ -1,0 +1,106 @@
+//! `bitnetd.json`, the small metadata file beside `model.onnx` in an exported model directory: what the engine
+//! needs to know that the ONNX graph does not say (special token ids, context length, chat template).
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::hf::{Activation, Family, LinearClass};
+
+/// File name of the metadata inside a model directory.
+pub const META_FILE: &str = "bitnetd.json";
+/// File name of the ONNX graph inside a model directory.
+pub const ONNX_FILE: &str = "model.onnx";
+/// File name of the ONNX external data inside a model directory.
+pub const DATA_FILE: &str = "model.onnx.data";
+/// File name of the tokenizer inside a model directory.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The metadata format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The shape of the exported network.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArchitectureMeta {
+    pub family: Family,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub activation: Activation,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f32,
+    pub tied_embeddings: bool,
+    /// The `quantization_config.linear_class` convention the scales were read with.
+    pub linear_class: LinearClass,
+    /// How ternary weights are stored in the ONNX file (`int8` for now).
+    pub ternary_storage: String,
+}
+
+/// Contents of `bitnetd.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub format_version: u32,
+    /// A short name for logs and replies (the source directory's name by default).
+    pub name: String,
+    pub architecture: ArchitectureMeta,
+    /// The longest sequence (prompt + completion) the model accepts.
+    pub context_length: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// Generation stops at any of these (end of text, end of turn).
+    pub stop_token_ids: Vec<u32>,
+    /// Jinja chat template (Hugging Face convention), if the checkpoint has one.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Parameters in the exported network (ternary + float).
+    pub parameters: u64,
+    /// The bitnetd version that exported it.
+    pub exported_by: String,
+}
+
+/// Errors reading a model directory's metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl ModelMeta {
+    /// Reads and checks `dir/bitnetd.json`.
+    pub fn read(dir: &Path) -> Result<Self, MetaError> {
+        let path = dir.join(META_FILE);
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|source| MetaError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let meta: ModelMeta = serde_json::from_str(&text).map_err(|e| MetaError::Invalid {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        if meta.format_version != FORMAT_VERSION {
+            return Err(MetaError::Invalid {
+                path: p,
+                message: format!(
+                    "format_version {} (this bitnetd reads {FORMAT_VERSION}): re-export the model",
+                    meta.format_version
+                ),
+            });
+        }
+        Ok(meta)
+    }
+
+    /// Writes `dir/bitnetd.json`.
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("metadata serializes");
+        std::fs::write(dir.join(META_FILE), text + "\n")
+    }
+}

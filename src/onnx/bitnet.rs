@@ -1,0 +1,463 @@
+//! The ONNX graph of a BitNet b1.58 decoder, op for op as transformers computes it:
+//! per-token absmax int8 activation quantization, `MatMulInteger` against constant ternary weights with their
+//! scale, RMSNorm with the model's eps, rotate-half RoPE with the model's theta, and ONNX `Attention` (opset 23)
+//! with GQA and explicit past/present KV tensors, which tract turns into a stateful in-place cache.
+//!
+//! Inputs: `input_ids`, `attention_mask` (`[1, past + seq]`), `position_ids`, `past_key_values.{i}.key|value`
+//! (`[1, kv_heads, past, head_dim]`). Outputs: `logits` for the last position only (`[1, 1, vocab]`) and
+//! `present.{i}.key|value`. Batch is 1: bitnetd runs one sequence per session.
+
+use tract_onnx::pb::tensor_proto::DataType;
+use tract_onnx::pb::{ModelProto, ValueInfoProto};
+
+use super::builder::{attr_f, attr_i, value_info, Dim, GraphBuilder};
+use crate::hf::{Activation, Architecture, Family, HfError, TernaryMatrix, Weights};
+
+/// The opset the graph is written for (ONNX `Attention` is opset 23).
+pub const OPSET: i64 = 23;
+
+/// Errors building the graph.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error(transparent)]
+    Hf(#[from] HfError),
+    #[error("writing external data: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Progress of a long export, reported after each layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerDone {
+    pub layer: usize,
+    pub layers: usize,
+}
+
+/// Per-token activation quantization: `(int8 values, scale)` with `scale = 127 / max(|x|, 1e-5)`.
+struct QuantizedAct {
+    q: String,
+    scale: String,
+}
+
+struct Ctx<'a> {
+    g: GraphBuilder,
+    arch: &'a Architecture,
+    w: &'a Weights,
+    axis_last: String,
+    eps: String,
+}
+
+impl Ctx<'_> {
+    fn rms_norm(
+        &mut self,
+        x: &str,
+        weight: &str,
+        dim: usize,
+        hint: &str,
+    ) -> Result<String, GraphError> {
+        let w = self.w.floats(weight, &[dim])?;
+        let w = self.g.f32s(&format!("{hint}.weight"), &[dim], &w)?;
+        let g = &mut self.g;
+        let sq = g.op("Mul", hint, &[x, x], vec![]);
+        let var = g.op(
+            "ReduceMean",
+            hint,
+            &[&sq, &self.axis_last],
+            vec![attr_i("keepdims", 1)],
+        );
+        let var = g.op("Add", hint, &[&var, &self.eps], vec![]);
+        let rms = g.op("Sqrt", hint, &[&var], vec![]);
+        let y = g.op("Div", hint, &[x, &rms], vec![]);
+        Ok(g.op("Mul", hint, &[&y, &w], vec![]))
+    }
+
+    fn quantize(&mut self, x: &str, hint: &str) -> QuantizedAct {
+        let g = &mut self.g;
+        let (floor, qp, qn) = (
+            g.scalar("1e-5", 1e-5),
+            g.scalar("127", 127.0),
+            g.scalar("-128", -128.0),
+        );
+        let a = g.op("Abs", hint, &[x], vec![]);
+        let m = g.op(
+            "ReduceMax",
+            hint,
+            &[&a, &self.axis_last],
+            vec![attr_i("keepdims", 1)],
+        );
+        let m = g.op("Max", hint, &[&m, &floor], vec![]);
+        let scale = g.op("Div", hint, &[&qp, &m], vec![]);
+        let r = g.op("Mul", hint, &[x, &scale], vec![]);
+        let r = g.op("Round", hint, &[&r], vec![]);
+        let r = g.op("Clip", hint, &[&r, &qn, &qp], vec![]);
+        let q = g.op(
+            "Cast",
+            hint,
+            &[&r],
+            vec![attr_i("to", DataType::Int8 as i64)],
+        );
+        QuantizedAct { q, scale }
+    }
+
+    /// One `MatMulInteger` for several linears sharing an input; returns one output per matrix.
+    fn bitlinear(
+        &mut self,
+        x: &QuantizedAct,
+        mats: &[TernaryMatrix],
+        hint: &str,
+    ) -> Result<Vec<String>, GraphError> {
+        let k = mats[0].cols;
+        let n: usize = mats.iter().map(|m| m.rows).sum();
+        let mut wt = vec![0i8; k * n];
+        let mut col_scale = Vec::with_capacity(n);
+        let mut off = 0;
+        for m in mats {
+            for r in 0..m.rows {
+                let row = &m.codes[r * k..(r + 1) * k];
+                for (c, &v) in row.iter().enumerate() {
+                    wt[c * n + off + r] = v;
+                }
+            }
+            col_scale.extend(std::iter::repeat_n(m.scale, m.rows));
+            off += m.rows;
+        }
+        let raw: Vec<u8> = wt.iter().map(|&v| v as u8).collect();
+        let w = self
+            .g
+            .initializer(&format!("{hint}.ternary"), DataType::Int8, &[k, n], &raw)?;
+        let s = self.g.f32s(&format!("{hint}.scale"), &[n], &col_scale)?;
+        let g = &mut self.g;
+        let y = g.op("MatMulInteger", hint, &[&x.q, &w], vec![]);
+        let y = g.op(
+            "Cast",
+            hint,
+            &[&y],
+            vec![attr_i("to", DataType::Float as i64)],
+        );
+        let y = g.op("Div", hint, &[&y, &x.scale], vec![]);
+        let y = g.op("Mul", hint, &[&y, &s], vec![]);
+        if mats.len() == 1 {
+            return Ok(vec![y]);
+        }
+        let sizes: Vec<i64> = mats.iter().map(|m| m.rows as i64).collect();
+        let split = g.i64s("split", &sizes);
+        Ok(g.op_n(
+            "Split",
+            hint,
+            &[&y, &split],
+            mats.len(),
+            vec![attr_i("axis", -1)],
+        ))
+    }
+
+    fn ternary(&self, prefix: &str, rows: usize, cols: usize) -> Result<TernaryMatrix, GraphError> {
+        Ok(self.w.ternary(self.arch, prefix, rows, cols)?)
+    }
+
+    /// `[1, S, heads*D]` -> `[1, heads, S, D]`
+    fn heads(&mut self, x: &str, heads: usize, hint: &str) -> String {
+        let shape = self
+            .g
+            .i64s("shape", &[1, -1, heads as i64, self.arch.head_dim as i64]);
+        let r = self.g.op("Reshape", hint, &[x, &shape], vec![]);
+        self.g.op(
+            "Transpose",
+            hint,
+            &[&r],
+            vec![super::builder::attr_ints("perm", &[0, 2, 1, 3])],
+        )
+    }
+
+    fn rope(&mut self, x: &str, cos: &str, sin: &str, hint: &str) -> String {
+        let half = (self.arch.head_dim / 2) as i64;
+        let g = &mut self.g;
+        let (ax, z, h, e) = (
+            g.i64s("axes", &[3]),
+            g.i64s("start", &[0]),
+            g.i64s("half", &[half]),
+            g.i64s("end", &[2 * half]),
+        );
+        let x1 = g.op("Slice", hint, &[x, &z, &h, &ax], vec![]);
+        let x2 = g.op("Slice", hint, &[x, &h, &e, &ax], vec![]);
+        let nx2 = g.op("Neg", hint, &[&x2], vec![]);
+        let rot = g.op("Concat", hint, &[&nx2, &x1], vec![attr_i("axis", 3)]);
+        let a = g.op("Mul", hint, &[x, cos], vec![]);
+        let b = g.op("Mul", hint, &[&rot, sin], vec![]);
+        g.op("Add", hint, &[&a, &b], vec![])
+    }
+
+    fn sub_norm(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        names: &[&str],
+        dim: usize,
+        hint: &str,
+    ) -> Result<String, GraphError> {
+        for n in names {
+            let name = format!("{prefix}.{n}.weight");
+            if self.w.has(&name) {
+                return self.rms_norm(x, &name, dim, hint);
+            }
+        }
+        if self.arch.family == Family::BitNet {
+            return Err(HfError::MissingTensor(format!("{prefix}.{}.weight", names[0])).into());
+        }
+        Ok(x.to_string())
+    }
+}
+
+/// Builds the whole graph, streaming weights to `dir/data_location`.
+pub fn build(
+    arch: &Architecture,
+    w: &Weights,
+    dir: &std::path::Path,
+    data_location: &str,
+    progress: &mut dyn FnMut(LayerDone),
+) -> Result<ModelProto, GraphError> {
+    let mut g = GraphBuilder::new(dir, data_location)?;
+    let axis_last = g.i64s("axes", &[-1]);
+    let eps = g.scalar("eps", arch.rms_norm_eps);
+    let mut cx = Ctx {
+        g,
+        arch,
+        w,
+        axis_last,
+        eps,
+    };
+    let (hd, h, kvh) = (arch.head_dim, arch.num_heads, arch.num_kv_heads);
+    let (hidden, ffn, vocab) = (arch.hidden_size, arch.intermediate_size, arch.vocab_size);
+
+    let embed = w.floats("model.embed_tokens.weight", &[vocab, hidden])?;
+    let embed = cx.g.f32s("embed_tokens", &[vocab, hidden], &embed)?;
+    let g = &mut cx.g;
+    let mut x = g.op(
+        "Gather",
+        "embed",
+        &[&embed, "input_ids"],
+        vec![attr_i("axis", 0)],
+    );
+
+    // Additive mask [1, 1, S, T]: key j is visible to query i iff kpos(j) <= position_ids(i) and mask(j) != 0.
+    let one = g.initializer("one", DataType::Int64, &[], &1i64.to_le_bytes())?;
+    let ax1 = g.i64s("axes", &[1]);
+    let ax2 = g.i64s("axes", &[2]);
+    let cs = g.op("CumSum", "mask", &["attention_mask", &one], vec![]);
+    let kpos = g.op("Sub", "mask", &[&cs, &one], vec![]);
+    let kpos = g.op("Unsqueeze", "mask", &[&kpos, &ax1], vec![]);
+    let qpos = g.op("Unsqueeze", "mask", &["position_ids", &ax2], vec![]);
+    let causal = g.op("LessOrEqual", "mask", &[&kpos, &qpos], vec![]);
+    let valid = g.op(
+        "Cast",
+        "mask",
+        &["attention_mask"],
+        vec![attr_i("to", DataType::Bool as i64)],
+    );
+    let valid = g.op("Unsqueeze", "mask", &[&valid, &ax1], vec![]);
+    let allowed = g.op("And", "mask", &[&causal, &valid], vec![]);
+    let (zero, neg) = (g.scalar("zero", 0.0), g.scalar("min", f32::MIN));
+    let mask = g.op("Where", "mask", &[&allowed, &zero, &neg], vec![]);
+    let mask = g.op("Unsqueeze", "mask", &[&mask, &ax1], vec![]);
+
+    // RoPE tables for the given positions, as transformers' default rotary embedding computes them.
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / arch.rope_theta.powf((2 * i) as f32 / hd as f32))
+        .collect();
+    let inv_freq = g.f32s("inv_freq", &[hd / 2], &inv_freq)?;
+    let pos = g.op(
+        "Cast",
+        "rope",
+        &["position_ids"],
+        vec![attr_i("to", DataType::Float as i64)],
+    );
+    let pos = g.op("Unsqueeze", "rope", &[&pos, &ax2], vec![]);
+    let freqs = g.op("Mul", "rope", &[&pos, &inv_freq], vec![]);
+    let emb = g.op(
+        "Concat",
+        "rope",
+        &[&freqs, &freqs],
+        vec![attr_i("axis", -1)],
+    );
+    let cos = g.op("Cos", "rope", &[&emb], vec![]);
+    let cos = g.op("Unsqueeze", "rope", &[&cos, &ax1], vec![]);
+    let sin = g.op("Sin", "rope", &[&emb], vec![]);
+    let sin = g.op("Unsqueeze", "rope", &[&sin, &ax1], vec![]);
+
+    for l in 0..arch.num_layers {
+        let p = format!("model.layers.{l}");
+        let hint = format!("layers.{l}");
+        let a = format!("{hint}.attn");
+        let n = cx.rms_norm(
+            &x,
+            &format!("{p}.input_layernorm.weight"),
+            hidden,
+            &format!("{hint}.input_norm"),
+        )?;
+        let qa = cx.quantize(&n, &a);
+        let mats = [
+            cx.ternary(&format!("{p}.self_attn.q_proj"), h * hd, hidden)?,
+            cx.ternary(&format!("{p}.self_attn.k_proj"), kvh * hd, hidden)?,
+            cx.ternary(&format!("{p}.self_attn.v_proj"), kvh * hd, hidden)?,
+        ];
+        let qkv = cx.bitlinear(&qa, &mats, &format!("{hint}.qkv"))?;
+        drop(mats);
+        let q = cx.heads(&qkv[0], h, &a);
+        let k = cx.heads(&qkv[1], kvh, &a);
+        let v = cx.heads(&qkv[2], kvh, &a);
+        let q = cx.rope(&q, &cos, &sin, &a);
+        let k = cx.rope(&k, &cos, &sin, &a);
+        let outs = [
+            format!("{a}/attention"),
+            format!("present.{l}.key"),
+            format!("present.{l}.value"),
+        ];
+        let (pk, pv) = (
+            format!("past_key_values.{l}.key"),
+            format!("past_key_values.{l}.value"),
+        );
+        let attrs = vec![
+            attr_f("scale", (hd as f64).powf(-0.5) as f32),
+            attr_i("is_causal", 0),
+        ];
+        cx.g.op_into(
+            "Attention",
+            &a,
+            &[&q, &k, &v, &mask, &pk, &pv],
+            &outs,
+            attrs,
+        );
+        let y = cx.g.op(
+            "Transpose",
+            &a,
+            &[&outs[0]],
+            vec![super::builder::attr_ints("perm", &[0, 2, 1, 3])],
+        );
+        let shape = cx.g.i64s("shape", &[1, -1, (h * hd) as i64]);
+        let y = cx.g.op("Reshape", &a, &[&y, &shape], vec![]);
+        let y = cx.sub_norm(
+            &y,
+            &format!("{p}.self_attn"),
+            &["attn_sub_norm", "inner_attn_ln"],
+            h * hd,
+            &format!("{hint}.attn_sub_norm"),
+        )?;
+        let ya = cx.quantize(&y, &a);
+        let o = [cx.ternary(&format!("{p}.self_attn.o_proj"), hidden, h * hd)?];
+        let o = cx.bitlinear(&ya, &o, &format!("{hint}.o_proj"))?;
+        x = cx.g.op("Add", &hint, &[&x, &o[0]], vec![]);
+
+        let m = format!("{hint}.mlp");
+        let n = cx.rms_norm(
+            &x,
+            &format!("{p}.post_attention_layernorm.weight"),
+            hidden,
+            &format!("{hint}.post_norm"),
+        )?;
+        let na = cx.quantize(&n, &m);
+        let mats = [
+            cx.ternary(&format!("{p}.mlp.gate_proj"), ffn, hidden)?,
+            cx.ternary(&format!("{p}.mlp.up_proj"), ffn, hidden)?,
+        ];
+        let gu = cx.bitlinear(&na, &mats, &format!("{hint}.gate_up"))?;
+        drop(mats);
+        let act = match arch.activation {
+            Activation::Relu2 => {
+                let r = cx.g.op("Relu", &m, &[&gu[0]], vec![]);
+                cx.g.op("Mul", &m, &[&r, &r], vec![])
+            }
+            Activation::Silu => {
+                let s = cx.g.op("Sigmoid", &m, &[&gu[0]], vec![]);
+                cx.g.op("Mul", &m, &[&gu[0], &s], vec![])
+            }
+        };
+        let y = cx.g.op("Mul", &m, &[&act, &gu[1]], vec![]);
+        let y = cx.sub_norm(
+            &y,
+            &format!("{p}.mlp"),
+            &["ffn_sub_norm", "ffn_layernorm"],
+            ffn,
+            &format!("{hint}.ffn_sub_norm"),
+        )?;
+        let ya = cx.quantize(&y, &m);
+        let d = [cx.ternary(&format!("{p}.mlp.down_proj"), hidden, ffn)?];
+        let d = cx.bitlinear(&ya, &d, &format!("{hint}.down_proj"))?;
+        x = cx.g.op("Add", &hint, &[&x, &d[0]], vec![]);
+        progress(LayerDone {
+            layer: l + 1,
+            layers: arch.num_layers,
+        });
+    }
+
+    let x = cx.rms_norm(&x, "model.norm.weight", hidden, "norm")?;
+    let head = if arch.tie_word_embeddings {
+        embed
+    } else {
+        let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
+        cx.g.f32s("lm_head", &[vocab, hidden], &lm)?
+    };
+    let g = &mut cx.g;
+    let (last, end) = (g.i64s("start", &[-1]), g.i64s("end", &[i64::MAX]));
+    let x = g.op("Slice", "head", &[&x, &last, &end, &ax1], vec![]);
+    let flat = g.i64s("shape", &[1, hidden as i64]);
+    let x = g.op("Reshape", "head", &[&x, &flat], vec![]);
+    let logits = g.op("Gemm", "head", &[&x, &head], vec![attr_i("transB", 1)]);
+    let out_shape = g.i64s("shape", &[1, 1, vocab as i64]);
+    g.op_into(
+        "Reshape",
+        "head/logits",
+        &[&logits, &out_shape],
+        &["logits".to_string()],
+        vec![],
+    );
+
+    let (inputs, outputs) = io(arch);
+    Ok(cx
+        .g
+        .finish(OPSET, inputs, outputs, "BitNet b1.58 exported by bitnetd")?)
+}
+
+fn io(arch: &Architecture) -> (Vec<ValueInfoProto>, Vec<ValueInfoProto>) {
+    use Dim::{Fixed, Symbol};
+    let past = [
+        Fixed(1),
+        Fixed(arch.num_kv_heads as i64),
+        Symbol("past_sequence_length"),
+        Fixed(arch.head_dim as i64),
+    ];
+    let mut inputs = vec![
+        value_info(
+            "input_ids",
+            DataType::Int64,
+            Some(&[Fixed(1), Symbol("sequence_length")]),
+        ),
+        value_info(
+            "attention_mask",
+            DataType::Int64,
+            Some(&[Fixed(1), Symbol("total_sequence_length")]),
+        ),
+        value_info(
+            "position_ids",
+            DataType::Int64,
+            Some(&[Fixed(1), Symbol("sequence_length")]),
+        ),
+    ];
+    let mut outputs = vec![value_info(
+        "logits",
+        DataType::Float,
+        Some(&[Fixed(1), Fixed(1), Fixed(arch.vocab_size as i64)]),
+    )];
+    for l in 0..arch.num_layers {
+        for kind in ["key", "value"] {
+            inputs.push(value_info(
+                &format!("past_key_values.{l}.{kind}"),
+                DataType::Float,
+                Some(&past),
+            ));
+            outputs.push(value_info(
+                &format!("present.{l}.{kind}"),
+                DataType::Float,
+                None,
+            ));
+        }
+    }
+    (inputs, outputs)
+}

@@ -1,0 +1,4 @@
+//! Writing ONNX: a protobuf graph builder ([`builder`]) and the BitNet decoder graph ([`bitnet`]).
+
+pub mod bitnet;
+pub mod builder;

@@ -1,0 +1,196 @@
+//! The exported model, run by tract, against what Hugging Face transformers computes for the same checkpoint.
+//!
+//! Fixtures: `tests/fixtures/reference/<case>/` holds a tiny random checkpoint in the exact 2B-4T layout and
+//! `expected.json`, both made by `models/make_reference.py` (transformers' BitNetForCausalLM, float32, eager).
+//! Each case is exported with `bitnetd::export`, loaded with the engine, and checked for:
+//! - the same prompt token ids from `tokenizer.json`;
+//! - last-position logits within tolerance (see `TOLERANCE`);
+//! - the same greedy continuation, token for token, through the KV cache;
+//! - agreement with onnxruntime on the same exported file (`onnxruntime.json`, recorded by
+//!   `models/ort_reference.py`, so CI needs no Python).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bitnetd::engine::{
+    sampler::argmax, GenerateParams, LoadOptions, Model, Prompt, SamplingParams,
+};
+use serde::Deserialize;
+
+/// Max |logit - reference| relative to the largest reference |logit|. The int8 activation quantization is a
+/// step function: a float32 difference of one ulp in `x * 127 / max|x|` can move one activation across a
+/// rounding boundary and change a linear's output by up to `|w| / scale`, i.e. about 1/127 of the activation
+/// range for one of `hidden` terms. Everything else (RMSNorm, RoPE, softmax in a different order) differs by a
+/// few ulps. 1e-3 of the logit range covers the rare boundary flip; a wrong scale convention, RoPE layout, mask
+/// or KV cache moves logits by 10-100% of the range (the wrong-convention test below shows it).
+const TOLERANCE: f32 = 1e-3;
+
+#[derive(Deserialize)]
+struct Expected {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct OrtCase {
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    last_logits: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct OrtExpected {
+    cases: Vec<OrtCase>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    last_logits: Vec<f32>,
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
+}
+
+fn export_and_load(case: &str, threads: usize) -> (tempfile::TempDir, Arc<Model>, Expected) {
+    let src = fixtures().join(case);
+    let out = tempfile::tempdir().unwrap();
+    bitnetd::export::export(&src, out.path(), &mut |_| {}).unwrap();
+    let model = Model::load(out.path(), &LoadOptions { threads }).unwrap();
+    let exp: Expected =
+        serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
+    (out, model, exp)
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale
+}
+
+fn check_case(case: &str, threads: usize) {
+    let (_dir, model, exp) = export_and_load(case, threads);
+    let ort_text = std::fs::read_to_string(fixtures().join(case).join("onnxruntime.json")).unwrap();
+    let ort: OrtExpected = serde_json::from_str(&ort_text).unwrap();
+    assert_eq!(
+        model.inplace_kv_layers(),
+        model.meta.architecture.layers,
+        "every layer uses the in-place KV cache"
+    );
+    for c in &exp.cases {
+        assert_eq!(
+            model.encode(&c.prompt, true).unwrap(),
+            c.prompt_ids,
+            "{case}: tokenization of {:?}",
+            c.prompt
+        );
+        let mut s = model.session().unwrap();
+        let mut logits = s.forward(&c.prompt_ids).unwrap();
+        let d = max_rel_diff(&logits, &c.last_logits);
+        assert!(
+            d <= TOLERANCE,
+            "{case} {:?}: last-position logits differ by {d} of their range",
+            c.prompt
+        );
+        let mut got = vec![];
+        for _ in 0..c.greedy_ids.len() {
+            let id = argmax(&logits);
+            got.push(id);
+            logits = s.forward(&[id]).unwrap();
+        }
+        assert_eq!(
+            got, c.greedy_ids,
+            "{case} {:?}: greedy continuation",
+            c.prompt
+        );
+    }
+}
+
+#[test]
+fn gqa_autobitlinear_packed_bf16_matches_transformers() {
+    check_case("gqa-autobitlinear", 1);
+}
+
+#[test]
+fn gqa_bitlinear_packed_bf16_matches_transformers() {
+    check_case("gqa-bitlinear", 1);
+}
+
+#[test]
+fn mha_autobitlinear_matches_transformers() {
+    check_case("mha-autobitlinear", 2);
+}
+
+#[test]
+fn float_master_weights_ternarized_online_match_transformers() {
+    check_case("gqa-online-bf16", 2);
+}
+
+/// The test above can fail: reading a `bitlinear` checkpoint with the `autobitlinear` convention (multiply
+/// instead of divide by weight_scale) puts the logits far outside the tolerance.
+#[test]
+fn wrong_scale_convention_is_detected() {
+    let src = fixtures().join("gqa-bitlinear");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace("\"bitlinear\"", "\"autobitlinear\"");
+    std::fs::write(tmp.path().join("config.json"), cfg).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    bitnetd::export::export(tmp.path(), out.path(), &mut |_| {}).unwrap();
+    let model = Model::load(out.path(), &LoadOptions { threads: 1 }).unwrap();
+    let exp: Expected =
+        serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
+    let logits = model
+        .session()
+        .unwrap()
+        .forward(&exp.cases[0].prompt_ids)
+        .unwrap();
+    assert!(max_rel_diff(&logits, &exp.cases[0].last_logits) > 100.0 * TOLERANCE);
+}
+
+/// `generate` (sampling loop, streaming, stop handling) gives the reference greedy ids when no stop token
+/// intervenes, and streams the same text it returns.
+#[test]
+fn generate_streams_the_reference_greedy_continuation() {
+    let (_dir, model, exp) = export_and_load("gqa-autobitlinear", 2);
+    for c in &exp.cases {
+        let stops = &model.meta.stop_token_ids;
+        let n = c
+            .greedy_ids
+            .iter()
+            .position(|t| stops.contains(t))
+            .unwrap_or(c.greedy_ids.len());
+        let params = GenerateParams {
+            max_tokens: n.max(1),
+            sampling: SamplingParams::default(),
+            ..Default::default()
+        };
+        let req = model
+            .prepare(&Prompt::Text(c.prompt.clone()), params)
+            .unwrap();
+        let mut streamed = String::new();
+        let g = model
+            .session()
+            .unwrap()
+            .generate(&req, &mut |t| {
+                streamed.push_str(&t.text);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(g.token_ids[..n], c.greedy_ids[..n]);
+        streamed.push_str(&g.trailing_text);
+        assert_eq!(streamed, g.text);
+        assert_eq!(g.text, model.decode(&g.token_ids));
+    }
+}
