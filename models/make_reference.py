@@ -34,7 +34,27 @@ CASES = {
     "gqa-bitlinear": ("bitlinear", "offline", 4, 2, "relu2", True),
     "mha-autobitlinear": ("autobitlinear", "offline", 4, 4, "relu2", True),
     "gqa-online-bf16": ("autobitlinear", "online", 4, 2, "relu2", False),
+    # 1bitLLM-style (Llama layout, BitnetForCausalLM): SiLU, MHA, untied float lm_head, fp16 master weights,
+    # sub-norms named inner_attn_ln / ffn_layernorm. transformers' BitNet classes compute the same network
+    # (online absmean weights, per-token absmax activations, the sub-norms in the same places), so they are
+    # the reference; the checkpoint is then written with 1bitLLM's names and config.
+    "llama-bitnet-mha-silu": ("autobitlinear", "online", 4, 4, "silu", False),
 }
+LLAMA_STYLE = {"llama-bitnet-mha-silu"}
+
+
+def llama_style(cfg, state):
+    """1bitLLM's config.json and tensor names for a transformers BitNet checkpoint."""
+    ren = {"self_attn.attn_sub_norm": "self_attn.inner_attn_ln", "mlp.ffn_sub_norm": "mlp.ffn_layernorm"}
+    out = {}
+    for k, v in state.items():
+        for a, b in ren.items():
+            k = k.replace(a, b)
+        out[k] = v
+    c = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    c.update({"architectures": ["BitnetForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+              "weight_bits": 1, "input_bits": 8})
+    return c, out
 
 
 def tiny_tokenizer(vocab):
@@ -101,9 +121,13 @@ def main():
         while True:
             cfg = bitnet_config(vocab, 64, 2, heads, kv, 128, linear_class=lc, mode=mode, max_pos=128, act=act,
                                 bos=0, eos=1, theta=10000.0 if heads == kv else 500000.0)
+            llama = name in LLAMA_STYLE
+            if llama:
+                cfg["tie_word_embeddings"] = False
             m = random_model(cfg, seed)
+            dt = torch.float16 if llama else torch.bfloat16
             state = packed_state_dict(m.state_dict(), lc) if packed else \
-                {k: v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+                {k: v.to(dt).contiguous() for k, v in m.state_dict().items() if llama or k != "lm_head.weight"}
             d = os.path.join(a.out, name)
             write_checkpoint(d, cfg, state, tok.to_str())
             ref = load_f32(d)
@@ -111,6 +135,9 @@ def main():
             rec = record(ref, tok)
             varied = all(len(set(r["greedy_ids"])) >= 3 for r in rec)
             if varied and min(r["min_margin"] for r in rec) >= MIN_MARGIN:
+                if llama:
+                    os.remove(os.path.join(d, "model.safetensors"))
+                    write_checkpoint(d, *llama_style(cfg, state), tok.to_str())
                 break
             seed += 1
         with open(os.path.join(d, "expected.json"), "w") as f:

@@ -18,13 +18,17 @@ use bitnetd::engine::{
 };
 use serde::Deserialize;
 
-/// Max |logit - reference| relative to the largest reference |logit|. The int8 activation quantization is a
+/// Max |logit - transformers| relative to the largest reference |logit|. The int8 activation quantization is a
 /// step function: a float32 difference of one ulp in `x * 127 / max|x|` can move one activation across a
-/// rounding boundary and change a linear's output by up to `|w| / scale`, i.e. about 1/127 of the activation
-/// range for one of `hidden` terms. Everything else (RMSNorm, RoPE, softmax in a different order) differs by a
-/// few ulps. 1e-3 of the logit range covers the rare boundary flip; a wrong scale convention, RoPE layout, mask
-/// or KV cache moves logits by 10-100% of the range (the wrong-convention test below shows it).
-const TOLERANCE: f32 = 1e-3;
+/// rounding boundary, which changes one linear's output by `|w| / scale` and the logits by up to about 1% of
+/// their range (seen once in these fixtures: `llama-bitnet-mha-silu`, "Hello world", 0.84%; onnxruntime running
+/// the same file shows the identical deviation, so it is the boundary, not the runtime). Everything else
+/// (RMSNorm, RoPE, softmax order) differs by a few ulps (3e-7 on the other prompts). Structural errors move the
+/// logits by 10-100% of the range: `wrong_scale_convention_is_detected` shows one.
+const TOLERANCE: f32 = 1e-2;
+
+/// tract against onnxruntime on the same ONNX file: same quantization decisions, so only float rounding differs.
+const ORT_TOLERANCE: f32 = 1e-4;
 
 #[derive(Deserialize)]
 struct Expected {
@@ -156,7 +160,7 @@ fn wrong_scale_convention_is_detected() {
         .unwrap()
         .forward(&exp.cases[0].prompt_ids)
         .unwrap();
-    assert!(max_rel_diff(&logits, &exp.cases[0].last_logits) > 100.0 * TOLERANCE);
+    assert!(max_rel_diff(&logits, &exp.cases[0].last_logits) > 10.0 * TOLERANCE);
 }
 
 /// `generate` (sampling loop, streaming, stop handling) gives the reference greedy ids when no stop token
@@ -193,4 +197,52 @@ fn generate_streams_the_reference_greedy_continuation() {
         assert_eq!(streamed, g.text);
         assert_eq!(g.text, model.decode(&g.token_ids));
     }
+}
+
+#[test]
+fn llama_style_1bitllm_checkpoint_matches_transformers() {
+    check_case("llama-bitnet-mha-silu", 2);
+}
+
+/// What the exporter cannot handle is refused with an error that names it.
+#[test]
+fn unsupported_checkpoints_are_named() {
+    let src = fixtures().join("gqa-autobitlinear");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let export = |cfg: &str| {
+        std::fs::write(tmp.path().join("config.json"), cfg).unwrap();
+        bitnetd::export::export(tmp.path(), out.path(), &mut |_| {})
+            .unwrap_err()
+            .to_string()
+    };
+    std::fs::copy(
+        src.join("tokenizer.json"),
+        tmp.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let e = export(
+        &cfg.replace("\"bitnet\"", "\"mistral\"")
+            .replace("BitNetForCausalLM", "MistralForCausalLM"),
+    );
+    assert!(e.contains("mistral") && e.contains("unsupported"), "{e}");
+    let e = export(&cfg.replace("\"relu2\"", "\"gelu_new\""));
+    assert!(e.contains("gelu_new"), "{e}");
+    let e = export(
+        &cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 128")
+            .replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 8"),
+    );
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("shape"),
+        "a shape mismatch names the tensor: {e}"
+    );
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
+    let e = export(&cfg);
+    assert!(e.contains("tokenizer.json"), "{e}");
 }
