@@ -115,6 +115,23 @@ fn check_case(case: &str, threads: usize) {
             c.prompt
         );
     }
+    for o in &ort.cases {
+        let logits = model.session().unwrap().forward(&o.prompt_ids).unwrap();
+        let d = max_rel_diff(&logits, &o.last_logits);
+        assert!(
+            d <= ORT_TOLERANCE,
+            "{case}: tract and onnxruntime logits differ by {d} of their range"
+        );
+        let c = exp
+            .cases
+            .iter()
+            .find(|c| c.prompt_ids == o.prompt_ids)
+            .unwrap();
+        assert_eq!(
+            o.greedy_ids, c.greedy_ids,
+            "{case}: onnxruntime's greedy continuation"
+        );
+    }
 }
 
 #[test]
