@@ -52,6 +52,19 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The result of a request cancelled while it waited in the queue.
+    pub fn cancelled_before_start(req: &ValidatedRequest) -> Self {
+        Generation {
+            prompt_tokens: req.prompt_ids().len(),
+            token_ids: vec![],
+            text: String::new(),
+            trailing_text: String::new(),
+            finish_reason: FinishReason::Cancelled,
+            ttft: Duration::ZERO,
+            total: Duration::ZERO,
+        }
+    }
+
     pub fn completion_tokens(&self) -> usize {
         self.token_ids.len()
     }

@@ -84,10 +84,7 @@ impl Engine {
                         }
                     };
                     let result = if job.cancel.is_cancelled() {
-                        Err(EngineError::InvalidParam {
-                            name: "request",
-                            message: "cancelled before it started".into(),
-                        })
+                        Ok(Generation::cancelled_before_start(&job.req))
                     } else {
                         session.generate(&job.req, &mut on_token)
                     };
