@@ -2,6 +2,10 @@
 //! load time and peak RSS, as one line of JSON and a human line.
 //!
 //!   cargo bench --bench decode -- [--model DIR] [--prompt-tokens 64] [--tokens 64] [--threads N] [--runs 3]
+//!                                 [--sweep]
+//!
+//! `--sweep` also times one decode step after 64, 256, 1024, ... cached tokens (up to the context), to show
+//! that a step's cost grows at most linearly with the context (the KV cache is not copied per step).
 //!
 //! Without --model it uses the default model. For the 2B-4T shape:
 //!   python3 models/make_synthetic.py /tmp/syn2b4t && cargo run --release -- export --from /tmp/syn2b4t --out /tmp/syn2b4t-onnx
@@ -26,6 +30,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let (mut model, mut prompt_tokens, mut tokens, mut threads, mut runs) =
         (None, 64usize, 64usize, None, 3usize);
+    let mut sweep = false;
     while let Some(a) = args.next() {
         let mut val = || args.next().expect("missing value");
         match a.as_str() {
@@ -34,6 +39,7 @@ fn main() {
             "--tokens" => tokens = val().parse().unwrap(),
             "--threads" => threads = Some(val().parse().unwrap()),
             "--runs" => runs = val().parse().unwrap(),
+            "--sweep" => sweep = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -69,12 +75,33 @@ fn main() {
         best_decode = best_decode.max(decode);
         best_ttft = best_ttft.min(ttft);
     }
+    let mut step_ms = serde_json::Map::new();
+    if sweep {
+        let ctx = m.meta.context_length;
+        let mut past = 64;
+        while past + 8 < ctx {
+            let mut s = m.session().unwrap();
+            let fill: Vec<u32> = (0..past as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+            for chunk in fill.chunks(256) {
+                s.forward(chunk).unwrap();
+            }
+            let t = Instant::now();
+            for _ in 0..8 {
+                s.forward(&[1]).unwrap();
+            }
+            step_ms.insert(
+                past.to_string(),
+                (t.elapsed().as_secs_f64() * 1e3 / 8.0).into(),
+            );
+            past *= 4;
+        }
+    }
     let out = serde_json::json!({
         "model": m.meta.name, "parameters": m.meta.parameters, "threads": m.threads(),
         "prompt_tokens": prompt_tokens, "tokens": tokens, "runs": runs,
         "prompt_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode, "ttft_ms": best_ttft * 1e3,
         "load_s": load_s, "rss_after_load_mib": rss_loaded, "peak_rss_mib": peak_rss_mib(),
-        "inplace_kv_layers": m.inplace_kv_layers(),
+        "inplace_kv_layers": m.inplace_kv_layers(), "decode_step_ms_by_context": step_ms,
     });
     println!("{out}");
     eprintln!(

@@ -37,6 +37,13 @@ pub enum ExportError {
     },
 }
 
+/// Export options.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// The model's name in `bitnetd.json` (default: the source directory's name).
+    pub name: Option<String>,
+}
+
 /// What an export produced.
 #[derive(Debug)]
 pub struct ExportSummary {
@@ -58,6 +65,7 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
 pub fn export(
     from: &Path,
     out: &Path,
+    opts: &ExportOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ExportSummary, ExportError> {
     let arch = Architecture::from_dir(from)?;
@@ -116,10 +124,10 @@ pub fn export(
         Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(String::from),
         _ => None,
     };
-    let name = from
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let name = opts.name.clone().or_else(|| {
+        let p = from.canonicalize().ok()?;
+        Some(p.file_name()?.to_string_lossy().into_owned())
+    });
     let meta = ModelMeta {
         format_version: FORMAT_VERSION,
         name: name.unwrap_or_else(|| "bitnet".into()),

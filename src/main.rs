@@ -31,6 +31,9 @@ enum Command {
         /// Model directory to write.
         #[arg(long)]
         out: PathBuf,
+        /// Model name recorded in bitnetd.json (default: the checkpoint directory's name).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Generate text with a model, without the daemon.
     Generate(GenerateArgs),
@@ -82,9 +85,11 @@ fn main() -> Result<()> {
     )
     .init();
     match Cli::parse().command {
-        Command::Export { from, out } => {
-            let summary = bitnetd::export::export(&from, &out, &mut |line| eprintln!("{line}"))
-                .with_context(|| format!("exporting {}", from.display()))?;
+        Command::Export { from, out, name } => {
+            let opts = bitnetd::export::ExportOptions { name };
+            let summary =
+                bitnetd::export::export(&from, &out, &opts, &mut |line| eprintln!("{line}"))
+                    .with_context(|| format!("exporting {}", from.display()))?;
             eprintln!(
                 "exported {} parameters to {}",
                 summary.meta.parameters,

@@ -62,7 +62,7 @@ fn fixtures() -> PathBuf {
 fn export_and_load(case: &str, threads: usize) -> (tempfile::TempDir, Arc<Model>, Expected) {
     let src = fixtures().join(case);
     let out = tempfile::tempdir().unwrap();
-    bitnetd::export::export(&src, out.path(), &mut |_| {}).unwrap();
+    bitnetd::export::export(&src, out.path(), &Default::default(), &mut |_| {}).unwrap();
     let model = Model::load(out.path(), &LoadOptions { threads }).unwrap();
     let exp: Expected =
         serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
@@ -168,7 +168,7 @@ fn wrong_scale_convention_is_detected() {
         .replace("\"bitlinear\"", "\"autobitlinear\"");
     std::fs::write(tmp.path().join("config.json"), cfg).unwrap();
     let out = tempfile::tempdir().unwrap();
-    bitnetd::export::export(tmp.path(), out.path(), &mut |_| {}).unwrap();
+    bitnetd::export::export(tmp.path(), out.path(), &Default::default(), &mut |_| {}).unwrap();
     let model = Model::load(out.path(), &LoadOptions { threads: 1 }).unwrap();
     let exp: Expected =
         serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
@@ -235,7 +235,7 @@ fn unsupported_checkpoints_are_named() {
     let out = tempfile::tempdir().unwrap();
     let export = |cfg: &str| {
         std::fs::write(tmp.path().join("config.json"), cfg).unwrap();
-        bitnetd::export::export(tmp.path(), out.path(), &mut |_| {})
+        bitnetd::export::export(tmp.path(), out.path(), &Default::default(), &mut |_| {})
             .unwrap_err()
             .to_string()
     };
