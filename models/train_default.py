@@ -35,8 +35,10 @@ SPECIALS = [BOS, EOS, EOT, "<|pad|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% set content = message['role'] | capitalize + ': ' + message['content'] | trim"
     " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+# Unlike 2B-4T's template, the generation prompt ends without a space: the byte-level BPE trained here joins a
+# space to the word after it ("ĠA"), so a trailing space would leave the model a token it never saw in training.
 
 
 def article(word):
@@ -105,6 +107,52 @@ def build_model(cfg_dict):
     model.float()
     model.tie_weights()
     return model
+
+
+CARD = """---
+license: other
+license_name: wordnet-3.0
+language: en
+tags: [bitnet, ternary, bitnetd]
+---
+# bitnetd default model
+
+A small BitNet b1.58 language model, bitnetd's default. Same architecture as microsoft/bitnet-b1.58-2B-4T
+(ternary weights packed 4 per byte, `weight_scale`, ReLU² gated FFN with `ffn_sub_norm`, `attn_sub_norm`,
+GQA, RoPE, tied embeddings), at a size a Raspberry Pi runs in milliseconds per token.
+
+| | |
+|---|---|
+| parameters | {params:.2f} M ({layers} layers, hidden {hidden}, FFN {ffn}, {heads}/{kv_heads} heads, vocab {vocab}) |
+| training | online quantization-aware training with transformers' AutoBitLinear, {steps} steps of {batch}x{seq} tokens, AdamW, {minutes:.0f} min on {threads} CPU threads |
+| final training loss | {loss:.3f} |
+| corpus | WordNet 3.0 glosses and usage examples (Debian package `wordnet-base`), {docs} documents, {tokens:.2f} M tokens |
+| tokenizer | byte-level BPE trained on the same corpus, with Llama-3 style special tokens |
+| chat format | `User: ...<|eot_id|>Assistant: ...<|eot_id|>` (the 2B-4T template) |
+
+It answers "What is a X?" / "What does it mean to X?" / "What does X mean?" with a dictionary-style sentence,
+and continues plain text with WordNet-like English. It knows nothing else: it is for testing, demos and
+smoke tests of the daemon, not for real answers. Use microsoft/bitnet-b1.58-2B-4T for those.
+Greedy decoding with a repetition penalty of 1.2 reads best; without it the model tends to loop.
+
+Made by `python models/train_default.py` (bitnetd repository).
+
+## License
+
+The training data is WordNet 3.0, (c) 2006 Princeton University, used under the WordNet 3.0 license:
+"Permission to use, copy, modify and distribute this software and database and its documentation for any
+purpose and without fee or royalty is hereby granted, provided that you agree to comply with the following
+copyright notice and statements, including the disclaimer, and that the same appear on ALL copies of the
+software, database and documentation, including modifications that you make for internal use or for
+distribution. WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved. THIS SOFTWARE AND
+DATABASE IS PROVIDED "AS IS" AND PRINCETON UNIVERSITY MAKES NO REPRESENTATIONS OR WARRANTIES, EXPRESS OR
+IMPLIED." The model weights are released under the same terms.
+"""
+
+
+def write_card(out_dir, **stats):
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(CARD.format(**stats))
 
 
 def batches(ids, seq, bs, rng):
@@ -179,6 +227,10 @@ def main():
                    "model_max_length": cfg["max_position_embeddings"]}, f, indent=2)
     with open(os.path.join(a.out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": bos, "eos_token_id": [eos, eot]}, f, indent=2)
+    write_card(a.out, params=sum(p.numel() for p in model.parameters()) / 1e6, layers=a.layers, hidden=a.hidden,
+               ffn=a.ffn, heads=a.heads, kv_heads=a.kv_heads, vocab=tok.get_vocab_size(), steps=step, batch=a.batch,
+               seq=a.seq, minutes=(time.time() - t0) / 60, threads=a.threads, loss=loss.item(), docs=len(docs),
+               tokens=len(ids) / 1e6)
     print(f"trained {step} steps in {time.time() - t0:.0f}s, final loss {loss.item():.3f}; wrote {a.out}")
 
     # Samples from the packed checkpoint, through transformers' own offline loader.

@@ -161,7 +161,12 @@ pub fn export(
     };
     meta.write(out).map_err(write_err(out))?;
     let card = out.join("README.md");
-    std::fs::write(&card, model_card(&meta, from)).map_err(write_err(&card))?;
+    let mut card_text = model_card(&meta, from);
+    if let Ok(source_card) = std::fs::read_to_string(from.join("README.md")) {
+        card_text.push_str("\n## Source model card\n\n");
+        card_text.push_str(&source_card);
+    }
+    std::fs::write(&card, card_text).map_err(write_err(&card))?;
     let data_bytes = std::fs::metadata(out.join(DATA_FILE))
         .map(|m| m.len())
         .unwrap_or(0);

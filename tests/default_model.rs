@@ -1,0 +1,156 @@
+//! The shipped default model (`models/default`, exported from `models/default-hf`): the committed export is what
+//! `bitnetd export` makes today, it writes English, and `bitnetd generate` uses it when no model is given.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use bitnetd::engine::{
+    FinishReason, GenerateParams, LoadOptions, Message, Model, Prompt, SamplingParams,
+};
+use bitnetd::meta::{ModelMeta, DATA_FILE, META_FILE, ONNX_FILE, TOKENIZER_FILE};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn words() -> HashSet<String> {
+    let text =
+        std::fs::read_to_string(root().join("tests/fixtures/default-model-words.txt")).unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn committed_export_is_up_to_date() {
+    let committed = root().join("models/default");
+    let meta = ModelMeta::read(&committed).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let opts = bitnetd::export::ExportOptions {
+        name: Some(meta.name.clone()),
+    };
+    bitnetd::export::export(
+        &root().join("models/default-hf"),
+        out.path(),
+        &opts,
+        &mut |_| {},
+    )
+    .unwrap();
+    for f in [ONNX_FILE, DATA_FILE, TOKENIZER_FILE, META_FILE] {
+        let same =
+            std::fs::read(committed.join(f)).unwrap() == std::fs::read(out.path().join(f)).unwrap();
+        assert!(same, "models/default/{f} is stale: re-run `bitnetd export --from models/default-hf --out models/default --name {}`", meta.name);
+    }
+}
+
+fn answer(model: &std::sync::Arc<Model>, prompt: Prompt) -> (String, FinishReason) {
+    // Greedy with the repetition penalty the model card recommends.
+    let sampling = SamplingParams {
+        repetition_penalty: 1.2,
+        ..Default::default()
+    };
+    let req = model
+        .prepare(
+            &prompt,
+            GenerateParams {
+                max_tokens: 48,
+                sampling,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let g = model
+        .session()
+        .unwrap()
+        .generate(&req, &mut |_| std::ops::ControlFlow::Continue(()))
+        .unwrap();
+    (g.text.trim_start().to_string(), g.finish_reason)
+}
+
+fn english_share(text: &str, dict: &HashSet<String>) -> f32 {
+    let ws: Vec<String> = text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    assert!(!ws.is_empty(), "no words in {text:?}");
+    ws.iter().filter(|w| dict.contains(*w)).count() as f32 / ws.len() as f32
+}
+
+#[test]
+fn default_model_writes_short_english() {
+    let model = Model::load(&root().join("models/default"), &LoadOptions { threads: 2 }).unwrap();
+    let dict = words();
+    let chat = |q: &str| {
+        Prompt::Chat(vec![Message {
+            role: "user".into(),
+            content: q.into(),
+        }])
+    };
+    let (dog, finish) = answer(&model, chat("What is a dog?"));
+    assert!(dog.starts_with("A dog is "), "{dog:?}");
+    assert_eq!(
+        finish,
+        FinishReason::Stop,
+        "the answer ends its turn: {dog:?}"
+    );
+    let mut answers = vec![dog];
+    for q in [
+        "What is a house?",
+        "What does it mean to run?",
+        "What is a river?",
+        "What is a computer?",
+    ] {
+        let (a, finish) = answer(&model, chat(q));
+        assert_eq!(
+            finish,
+            FinishReason::Stop,
+            "{q} -> {a:?}: short answers end their turn"
+        );
+        answers.push(a);
+    }
+    answers.push(answer(&model, Prompt::Text("The children".into())).0);
+    let all = answers.join(" ");
+    let share = english_share(&all, &dict);
+    assert!(
+        share >= 0.85,
+        "{answers:?}: only {share} of the words are English"
+    );
+}
+
+#[test]
+fn generate_without_model_uses_the_default_model() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitnetd"))
+        .current_dir(Path::new("/"))
+        .env_remove("BITNETD_MODEL")
+        .args([
+            "generate",
+            "--chat",
+            "--prompt",
+            "What is a dog?",
+            "--max-tokens",
+            "24",
+            "--json",
+        ])
+        .args(["--repetition-penalty", "1.2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["model"],
+        ModelMeta::read(&root().join("models/default"))
+            .unwrap()
+            .name
+    );
+    assert!(
+        v["text"]
+            .as_str()
+            .unwrap()
+            .trim_start()
+            .starts_with("A dog is"),
+        "{v}"
+    );
+}
