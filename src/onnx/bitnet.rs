@@ -227,15 +227,36 @@ pub fn build(
     let (hd, h, kvh) = (arch.head_dim, arch.num_heads, arch.num_kv_heads);
     let (hidden, ffn, vocab) = (arch.hidden_size, arch.intermediate_size, arch.vocab_size);
 
+    // The embedding lookup and the output layer (tied in 2B-4T) each get their own constant, so that tract packs
+    // the output layer's [hidden, vocab] operand once at load: a constant shared by two ops is never folded and
+    // would be re-packed on every step. The lookup table is f16 when that is exact (bf16 and f16 checkpoints).
     let embed = w.floats("model.embed_tokens.weight", &[vocab, hidden])?;
-    let embed = cx.g.f32s("embed_tokens", &[vocab, hidden], &embed)?;
+    let head_t = if arch.tie_word_embeddings {
+        Some(cx.g.f32s(
+            "lm_head_t",
+            &[hidden, vocab],
+            &transpose(&embed, vocab, hidden),
+        )?)
+    } else {
+        None
+    };
+    let lookup = embedding_table(&mut cx.g, &embed, vocab, hidden)?;
+    drop(embed);
     let g = &mut cx.g;
     let mut x = g.op(
         "Gather",
         "embed",
-        &[&embed, "input_ids"],
+        &[&lookup.0, "input_ids"],
         vec![attr_i("axis", 0)],
     );
+    if lookup.1 {
+        x = g.op(
+            "Cast",
+            "embed",
+            &[&x],
+            vec![attr_i("to", DataType::Float as i64)],
+        );
+    }
 
     // Additive mask [1, 1, S, T]: key j is visible to query i iff kpos(j) <= position_ids(i) and mask(j) != 0.
     let one = g.initializer("one", DataType::Int64, &[], &1i64.to_le_bytes())?;
@@ -388,23 +409,23 @@ pub fn build(
     }
 
     let x = cx.rms_norm(&x, "model.norm.weight", hidden, "norm")?;
-    let head = if arch.tie_word_embeddings {
-        embed
+    let head_t = if let Some(h) = head_t {
+        h
     } else {
         let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
-        cx.g.f32s("lm_head", &[vocab, hidden], &lm)?
+        cx.g.f32s(
+            "lm_head_t",
+            &[hidden, vocab],
+            &transpose(&lm, vocab, hidden),
+        )?
     };
     let g = &mut cx.g;
     let (last, end) = (g.i64s("start", &[-1]), g.i64s("end", &[i64::MAX]));
     let x = g.op("Slice", "head", &[&x, &last, &end, &ax1], vec![]);
-    let flat = g.i64s("shape", &[1, hidden as i64]);
-    let x = g.op("Reshape", "head", &[&x, &flat], vec![]);
-    let logits = g.op("Gemm", "head", &[&x, &head], vec![attr_i("transB", 1)]);
-    let out_shape = g.i64s("shape", &[1, 1, vocab as i64]);
     g.op_into(
-        "Reshape",
+        "MatMul",
         "head/logits",
-        &[&logits, &out_shape],
+        &[&x, &head_t],
         &["logits".to_string()],
         vec![],
     );
@@ -413,6 +434,39 @@ pub fn build(
     Ok(cx
         .g
         .finish(OPSET, inputs, outputs, "BitNet b1.58 exported by bitnetd")?)
+}
+
+/// The embedding lookup table: f16 when every value converts exactly, else f32. Returns (name, is_f16).
+fn embedding_table(
+    g: &mut GraphBuilder,
+    embed: &[f32],
+    vocab: usize,
+    hidden: usize,
+) -> std::io::Result<(String, bool)> {
+    let exact = embed.iter().all(|&v| half::f16::from_f32(v).to_f32() == v);
+    if exact {
+        let raw: Vec<u8> = embed
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        Ok((
+            g.initializer("embed_tokens", DataType::Float16, &[vocab, hidden], &raw)?,
+            true,
+        ))
+    } else {
+        Ok((g.f32s("embed_tokens", &[vocab, hidden], embed)?, false))
+    }
+}
+
+/// `[rows, cols]` row-major to `[cols, rows]` row-major.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; v.len()];
+    for (r, row) in v.chunks_exact(cols).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            t[c * rows + r] = x;
+        }
+    }
+    t
 }
 
 fn io(arch: &Architecture) -> (Vec<ValueInfoProto>, Vec<ValueInfoProto>) {
