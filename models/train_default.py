@@ -133,7 +133,8 @@ GQA, RoPE, tied embeddings), at a size a Raspberry Pi runs in milliseconds per t
 It answers "What is a X?" / "What does it mean to X?" / "What does X mean?" with a dictionary-style sentence,
 and continues plain text with WordNet-like English. It knows nothing else: it is for testing, demos and
 smoke tests of the daemon, not for real answers. Use microsoft/bitnet-b1.58-2B-4T for those.
-Greedy decoding with a repetition penalty of 1.2 reads best; without it the model tends to loop.
+Greedy decoding with a repetition penalty of 1.2 reads best (its generation_config.json says so, and
+bitnetd follows it); without the penalty the model tends to loop.
 
 Made by `python models/train_default.py` (bitnetd repository).
 
@@ -226,7 +227,8 @@ def main():
         json.dump({"bos_token": BOS, "eos_token": EOS, "chat_template": CHAT_TEMPLATE,
                    "model_max_length": cfg["max_position_embeddings"]}, f, indent=2)
     with open(os.path.join(a.out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": bos, "eos_token_id": [eos, eot]}, f, indent=2)
+        json.dump({"bos_token_id": bos, "eos_token_id": [eos, eot], "do_sample": False, "repetition_penalty": 1.2},
+                  f, indent=2)
     write_card(a.out, params=sum(p.numel() for p in model.parameters()) / 1e6, layers=a.layers, hidden=a.hidden,
                ffn=a.ffn, heads=a.heads, kv_heads=a.kv_heads, vocab=tok.get_vocab_size(), steps=step, batch=a.batch,
                seq=a.seq, minutes=(time.time() - t0) / 60, threads=a.threads, loss=loss.item(), docs=len(docs),

@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::hf::{Architecture, HfError, Weights};
 use crate::meta::{
-    ArchitectureMeta, ModelMeta, DATA_FILE, FORMAT_VERSION, ONNX_FILE, TOKENIZER_FILE,
+    ArchitectureMeta, GenerationDefaults, ModelMeta, DATA_FILE, FORMAT_VERSION, ONNX_FILE,
+    TOKENIZER_FILE,
 };
 use crate::onnx::bitnet::{self, GraphError, LayerDone};
 
@@ -158,6 +159,7 @@ pub fn export(
         eos_token: token_name("eos_token"),
         parameters: parameter_count(&arch),
         exported_by: format!("bitnetd {}", env!("CARGO_PKG_VERSION")),
+        generation_defaults: GenerationDefaults::from_generation_config(&gen_cfg),
     };
     meta.write(out).map_err(write_err(out))?;
     let card = out.join("README.md");

@@ -53,18 +53,18 @@ struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Keep only the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling threshold (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Repetition penalty (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
+    /// Sampling temperature; 0 is greedy (default: the model's generation_config, else 0).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Keep only the k most likely tokens, 0 keeps all (default: the model's, else 0).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold, 1 is off (default: the model's, else 1).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Repetition penalty, 1 is off (default: the model's, else 1).
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -116,13 +116,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         Prompt::Text(a.prompt.clone())
     };
+    let d = &model.meta.generation_defaults;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
+            temperature: a.temperature.or(d.temperature).unwrap_or(0.0),
+            top_k: a.top_k.or(d.top_k).unwrap_or(0),
+            top_p: a.top_p.or(d.top_p).unwrap_or(1.0),
+            repetition_penalty: a.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0),
             seed: a.seed,
         },
         stop: a.stop.clone(),

@@ -59,6 +59,71 @@ pub struct ModelMeta {
     pub parameters: u64,
     /// The bitnetd version that exported it.
     pub exported_by: String,
+    /// Sampling defaults from the checkpoint's `generation_config.json`.
+    #[serde(default)]
+    pub generation_defaults: GenerationDefaults,
+}
+
+/// Sampling defaults a checkpoint ships (transformers' `generation_config.json`); a request's own values win.
+/// `None` leaves bitnetd's built-in default (greedy, no penalty).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl GenerationDefaults {
+    /// Reads transformers' semantics: `do_sample: true` samples with `temperature` (1.0), `top_k` (50) and
+    /// `top_p` (1.0); otherwise decoding is greedy. `repetition_penalty` applies either way.
+    pub fn from_generation_config(cfg: &serde_json::Value) -> Self {
+        let f = |k: &str| {
+            cfg.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .map(|v| v as f32)
+        };
+        let sample = cfg
+            .get("do_sample")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        GenerationDefaults {
+            temperature: sample.then(|| f("temperature").unwrap_or(1.0)),
+            top_k: sample.then(|| {
+                cfg.get("top_k")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(50) as usize
+            }),
+            top_p: sample.then(|| f("top_p").unwrap_or(1.0)),
+            repetition_penalty: f("repetition_penalty"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_config_follows_transformers_defaults() {
+        let d = GenerationDefaults::from_generation_config(
+            &serde_json::json!({"do_sample": true, "temperature": 0.6}),
+        );
+        assert_eq!(
+            (d.temperature, d.top_k, d.top_p, d.repetition_penalty),
+            (Some(0.6), Some(50), Some(1.0), None)
+        );
+        let d = GenerationDefaults::from_generation_config(
+            &serde_json::json!({"repetition_penalty": 1.2}),
+        );
+        assert_eq!(
+            d,
+            GenerationDefaults {
+                repetition_penalty: Some(1.2),
+                ..Default::default()
+            }
+        );
+    }
 }
 
 /// Errors reading a model directory's metadata.

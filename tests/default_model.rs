@@ -42,7 +42,8 @@ fn committed_export_is_up_to_date() {
 }
 
 fn answer(model: &std::sync::Arc<Model>, prompt: Prompt) -> (String, FinishReason) {
-    // Greedy with the repetition penalty the model card recommends.
+    // Greedy with the repetition penalty of the model's generation_config.json.
+    assert_eq!(model.meta.generation_defaults.repetition_penalty, Some(1.2));
     let sampling = SamplingParams {
         repetition_penalty: 1.2,
         ..Default::default()
