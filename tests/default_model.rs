@@ -1,6 +1,8 @@
 //! The shipped default model (`models/default`, exported from `models/default-hf`): the committed export is what
 //! `bitnetd export` makes today, it writes English, and `bitnetd generate` uses it when no model is given.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -119,27 +121,20 @@ fn default_model_writes_short_english() {
 
 #[test]
 fn generate_without_model_uses_the_default_model() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitnetd"))
-        .current_dir(Path::new("/"))
-        .env_remove("BITNETD_MODEL")
-        .args([
-            "generate",
-            "--chat",
-            "--prompt",
-            "What is a dog?",
-            "--max-tokens",
-            "24",
-            "--json",
-        ])
-        .args(["--repetition-penalty", "1.2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = common::run_json(
+        common::bitnetd()
+            .current_dir(Path::new("/"))
+            .env_remove("BITNETD_MODEL")
+            .args([
+                "generate",
+                "--chat",
+                "--prompt",
+                "What is a dog?",
+                "--max-tokens",
+                "24",
+                "--json",
+            ]),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         v["model"],
         ModelMeta::read(&root().join("models/default"))

@@ -1,6 +1,8 @@
 //! The engine's contracts on a small exported fixture: chunked prefill through the KV cache, request
 //! validation, the engine thread's queue, streaming, cancellation, and the `generate` command's JSON.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -203,28 +205,20 @@ fn full_queue_is_busy_and_cancel_stops_generation() {
 #[test]
 fn generate_command_prints_the_json_contract() {
     let (dir, _model) = fixture_model();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitnetd"))
-        .args(["generate", "--model"])
-        .arg(dir.path())
-        .args([
-            "--prompt",
-            "Hello world",
-            "--max-tokens",
-            "5",
-            "--temperature",
-            "0",
-            "--threads",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = common::run_json(
+        common::bitnetd()
+            .args(["generate", "--model"])
+            .arg(dir.path())
+            .args([
+                "--prompt",
+                "Hello world",
+                "--max-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ])
+            .args(["--threads", "1", "--json"]),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for key in [
         "prompt_ids",
         "token_ids",
@@ -246,7 +240,7 @@ fn generate_command_prints_the_json_contract() {
 fn generate_command_reports_a_too_long_prompt() {
     let (dir, model) = fixture_model();
     let prompt = "a ".repeat(model.meta.context_length * 2);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitnetd"))
+    let out = common::bitnetd()
         .args(["generate", "--model"])
         .arg(dir.path())
         .args(["--prompt", &prompt])
