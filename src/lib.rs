@@ -7,10 +7,29 @@
 //! - [`meta`]: `bitnetd.json`, the metadata beside the ONNX file.
 //! - [`engine`]: loading a model, sessions with their KV cache, sampling, chat templates, the engine thread.
 //! - [`default_model`]: where the shipped default model lives.
+//! - [`config`]: the TOML configuration, raw then validated.
+//! - [`daemon`]: `bitnetd run`, wiring everything below together under a shutdown token.
+//! - [`protocol`]: the JSON wire format and error codes shared by every source.
+//! - [`router`]: where a request runs, as a pure function.
+//! - [`dispatch`]: from parsed requests to engine jobs and replies; status counters; draining.
+//! - [`server`]: the Unix socket API (listener, connections, line reading).
+//! - [`budget`]: memory estimates and the process's resident size.
+//! - [`systemd`]: readiness, status, watchdog; [`logging`]: journald or stderr.
+//! - [`client`]: the blocking clients behind `bitnetd ask` and `bitnetd status`.
 
+pub mod budget;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod default_model;
+pub mod dispatch;
 pub mod engine;
 pub mod export;
 pub mod hf;
+pub mod logging;
 pub mod meta;
 pub mod onnx;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod systemd;

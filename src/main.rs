@@ -4,11 +4,20 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use bitnetd::config::{Config, Env};
+use bitnetd::protocol::Route;
 
 use bitnetd::default_model::default_model_dir;
-use bitnetd::engine::{GenerateParams, LoadOptions, Message, Model, Prompt, SamplingParams};
+use bitnetd::engine::{
+    FinishReason, GenerateParams, LoadOptions, Message, Model, Prompt, SamplingParams,
+};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +32,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: serve the Unix socket API until SIGTERM.
+    Run {
+        /// Config file (default: $BITNETD_CONFIG, else built-in defaults; see `print-config`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Ask the running daemon: streams the answer to stdout.
+    Ask(AskArgs),
+    /// Print the running daemon's status as JSON.
+    Status {
+        /// Socket path (default: from the config, as `run` would use it).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Config file to take the socket path from.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the default configuration, every option with its documentation.
+    PrintConfig,
+    /// Validate a config file (and that its model fits the memory budget).
+    CheckConfig {
+        /// The file to check.
+        path: PathBuf,
+    },
     /// Export a Hugging Face BitNet checkpoint directory to a bitnetd model directory (ONNX).
     Export {
         /// Checkpoint directory: config.json, *.safetensors, tokenizer.json.
@@ -37,6 +70,34 @@ enum Command {
     },
     /// Generate text with a model, without the daemon.
     Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct AskArgs {
+    /// The question.
+    text: String,
+    /// Socket path (default: from the config, as `run` would use it).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Config file to take the socket path from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where to run it: auto, local or cloud.
+    #[arg(long, default_value = "auto")]
+    route: String,
+    /// Never let the request leave the board.
+    #[arg(long)]
+    private: bool,
+    /// Send the text as a plain prompt, not as a chat message.
+    #[arg(long)]
+    raw: bool,
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Milliseconds the answer may take.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -80,12 +141,41 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().filter_or("BITNETD_LOG", "warn,tract_onnx::model=error"),
-    )
-    .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let env = Env::from_process();
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(config.as_deref(), &env)?;
+            bitnetd::logging::init(&config.logging).map_err(anyhow::Error::msg)?;
+            run(config)
+        }
+        Command::Ask(a) => ask(a, &env),
+        Command::Status { socket, config } => {
+            let socket = socket_path(socket, config, &env)?;
+            let status = bitnetd::client::status(&socket)?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
+        Command::PrintConfig => {
+            print!("{}", bitnetd::config::DEFAULTS_TOML);
+            Ok(())
+        }
+        Command::CheckConfig { path } => {
+            let config = Config::load(Some(&path), &env)?;
+            let (meta, estimate) = config.check_model()?;
+            println!(
+                "{}: ok (model {} in {}, about {} MiB of a {} MiB budget, socket {})",
+                path.display(),
+                meta.name,
+                config.model.path.display(),
+                estimate.total() >> 20,
+                config.budget.memory_bytes >> 20,
+                config.socket.path.display()
+            );
+            Ok(())
+        }
         Command::Export { from, out, name } => {
+            init_cli_logging();
             let opts = bitnetd::export::ExportOptions { name };
             let summary =
                 bitnetd::export::export(&from, &out, &opts, &mut |line| eprintln!("{line}"))
@@ -97,8 +187,79 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => {
+            init_cli_logging();
+            generate(args)
+        }
     }
+}
+
+fn init_cli_logging() {
+    env_logger::Builder::from_env(
+        env_logger::Env::default().filter_or("BITNETD_LOG", "warn,tract_onnx::model=error"),
+    )
+    .init();
+}
+
+/// Runs the daemon on its own runtime until SIGTERM or SIGINT (a second one exits at once).
+fn run(config: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bitnetd-io")
+        .enable_all()
+        .build()?;
+    let shutdown = CancellationToken::new();
+    let result: Result<()> = rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            token.cancel();
+            // Repeated SIGTERMs (systemd, `timeout`) keep draining; a second Ctrl-C means "now".
+            int.recv().await;
+            log::warn!("second interrupt: exiting without draining");
+            std::process::exit(130);
+        });
+        Ok(bitnetd::daemon::run(config, shutdown).await?)
+    });
+    // A model still loading on a blocking thread must not hold up the exit.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+fn socket_path(socket: Option<PathBuf>, config: Option<PathBuf>, env: &Env) -> Result<PathBuf> {
+    match socket {
+        Some(s) => Ok(s),
+        None => Ok(Config::load(config.as_deref(), env)?.socket.path),
+    }
+}
+
+fn ask(a: AskArgs, env: &Env) -> Result<()> {
+    let socket = socket_path(a.socket.clone(), a.config.clone(), env)?;
+    let route: Route = serde_json::from_value(serde_json::json!(a.route))
+        .map_err(|_| anyhow::anyhow!("--route must be auto, local or cloud"))?;
+    let req = bitnetd::client::Ask {
+        text: a.text,
+        raw: a.raw,
+        route,
+        private: a.private,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        deadline_ms: a.deadline_ms,
+    };
+    let mut stdout = std::io::stdout();
+    let done = bitnetd::client::ask(&socket, &req, &mut stdout)?;
+    println!();
+    eprintln!(
+        "[{} via {}, {} tokens, first token {} ms, {}]",
+        done["model"].as_str().unwrap_or("?"),
+        done["route"].as_str().unwrap_or("?"),
+        done["usage"]["completion_tokens"],
+        done["timing"]["ttft_ms"],
+        done["finish_reason"].as_str().unwrap_or("?")
+    );
+    Ok(())
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -132,13 +293,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let req = model.prepare(&prompt, params)?;
     let mut session = model.session()?;
     let stdout = std::io::stdout();
-    let g = session.generate(&req, &mut |t| {
+    let g = session.generate(&req, &mut |t: &bitnetd::engine::TokenEvent| {
         if !a.json {
             let mut out = stdout.lock();
             let _ = out.write_all(t.text.as_bytes());
             let _ = out.flush();
         }
-        ControlFlow::Continue(())
+        ControlFlow::<FinishReason>::Continue(())
     })?;
     if a.json {
         let v = serde_json::json!({

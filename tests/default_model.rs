@@ -63,7 +63,9 @@ fn answer(model: &std::sync::Arc<Model>, prompt: Prompt) -> (String, FinishReaso
     let g = model
         .session()
         .unwrap()
-        .generate(&req, &mut |_| std::ops::ControlFlow::Continue(()))
+        .generate(&req, &mut |_: &bitnetd::engine::TokenEvent| {
+            std::ops::ControlFlow::<bitnetd::engine::FinishReason>::Continue(())
+        })
         .unwrap();
     (g.text.trim_start().to_string(), g.finish_reason)
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bitnetd::engine::{
-    Engine, EngineError, FinishReason, GenerateParams, JobEvent, LoadOptions, Message, Model,
-    Prompt, SamplingParams,
+    Backend, Engine, EngineError, EngineOptions, FinishReason, GenerateParams, JobEvent,
+    JobOptions, LoadOptions, Message, Model, Prompt, SamplingParams,
 };
 
 fn fixture_model() -> (tempfile::TempDir, Arc<Model>) {
@@ -63,7 +63,9 @@ fn sampling_is_reproducible_by_seed_and_varies_across_seeds() {
         model
             .session()
             .unwrap()
-            .generate(&req, &mut |_| std::ops::ControlFlow::Continue(()))
+            .generate(&req, &mut |_: &bitnetd::engine::TokenEvent| {
+                std::ops::ControlFlow::<FinishReason>::Continue(())
+            })
             .unwrap()
             .token_ids
     };
@@ -126,7 +128,7 @@ fn bad_requests_get_typed_errors() {
 #[test]
 fn engine_thread_streams_then_ends_with_exactly_one_done() {
     let (_d, model) = fixture_model();
-    let engine = Engine::spawn(model.clone(), 4).unwrap();
+    let engine = Engine::spawn(model.clone(), EngineOptions { slots: 1, queue: 4 }).unwrap();
     let req = model
         .prepare(
             &Prompt::Ids(ids(6)),
@@ -136,7 +138,7 @@ fn engine_thread_streams_then_ends_with_exactly_one_done() {
             },
         )
         .unwrap();
-    let mut job = engine.submit(req).unwrap();
+    let mut job = engine.submit(req, JobOptions::default()).unwrap();
     let (mut tokens, mut done) = (vec![], None);
     while let Some(ev) = job.events.blocking_recv() {
         match ev {
@@ -156,7 +158,7 @@ fn engine_thread_streams_then_ends_with_exactly_one_done() {
 #[test]
 fn full_queue_is_busy_and_cancel_stops_generation() {
     let (_d, model) = fixture_model();
-    let engine = Engine::spawn(model.clone(), 1).unwrap();
+    let engine = Engine::spawn(model.clone(), EngineOptions { slots: 1, queue: 1 }).unwrap();
     let long = || {
         let p = GenerateParams {
             max_tokens: 100,
@@ -164,12 +166,12 @@ fn full_queue_is_busy_and_cancel_stops_generation() {
         };
         model.prepare(&Prompt::Ids(ids(4)), p).unwrap()
     };
-    let first = engine.submit(long()).unwrap();
+    let first = engine.submit(long(), JobOptions::default()).unwrap();
     first.cancel.cancel();
     let mut jobs = vec![first];
     let mut busy = false;
     for _ in 0..50 {
-        match engine.submit(long()) {
+        match engine.submit(long(), JobOptions::default()) {
             Ok(j) => {
                 j.cancel.cancel();
                 jobs.push(j);

@@ -204,9 +204,9 @@ fn generate_streams_the_reference_greedy_continuation() {
         let g = model
             .session()
             .unwrap()
-            .generate(&req, &mut |t| {
+            .generate(&req, &mut |t: &bitnetd::engine::TokenEvent| {
                 streamed.push_str(&t.text);
-                ControlFlow::Continue(())
+                ControlFlow::<bitnetd::engine::FinishReason>::Continue(())
             })
             .unwrap();
         assert_eq!(g.token_ids[..n], c.greedy_ids[..n]);

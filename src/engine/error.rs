@@ -16,6 +16,8 @@ pub enum EngineError {
     ChatTemplate(String),
     #[error("the engine queue is full ({capacity} requests waiting)")]
     Busy { capacity: usize },
+    #[error("the deadline passed after {} ms in the queue", waited.as_millis())]
+    DeadlineExceeded { waited: std::time::Duration },
     #[error("the engine has shut down")]
     ShutDown,
     #[error("inference failed: {0}")]

@@ -15,5 +15,7 @@ pub use error::EngineError;
 pub use model::{LoadOptions, Model};
 pub use request::{GenerateParams, Prompt, ValidatedRequest};
 pub use sampler::SamplingParams;
-pub use session::{FinishReason, Generation, Session, TokenEvent, PREFILL_CHUNK};
-pub use worker::{CancelToken, Engine, JobEvent, JobHandle};
+pub use session::{FinishReason, Generation, Observer, Session, TokenEvent, PREFILL_CHUNK};
+pub use worker::{
+    Backend, CancelToken, Engine, EngineHealth, EngineOptions, JobEvent, JobHandle, JobOptions,
+};

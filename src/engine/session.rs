@@ -23,8 +23,10 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens`, or the end of the context.
     Length,
-    /// The caller cancelled.
+    /// The caller cancelled (or went away).
     Cancelled,
+    /// A budget ended it early: the request's deadline passed while it ran.
+    Budget,
 }
 
 /// One generated token, as streamed.
@@ -33,6 +35,22 @@ pub struct TokenEvent {
     pub id: u32,
     /// Text that became final with this token (may be empty, e.g. mid-character or a held-back stop prefix).
     pub text: String,
+}
+
+/// Watches a generation: `check` runs before every forward pass (prefill chunks and decode steps), `token` after
+/// every generated token. Either returning `Break(reason)` ends the generation with that reason; a token refused
+/// by `token` is not part of the result.
+pub trait Observer {
+    fn check(&mut self) -> ControlFlow<FinishReason> {
+        ControlFlow::Continue(())
+    }
+    fn token(&mut self, t: &TokenEvent) -> ControlFlow<FinishReason>;
+}
+
+impl<F: FnMut(&TokenEvent) -> ControlFlow<FinishReason>> Observer for F {
+    fn token(&mut self, t: &TokenEvent) -> ControlFlow<FinishReason> {
+        self(t)
+    }
 }
 
 /// The result of a generation.
@@ -46,20 +64,24 @@ pub struct Generation {
     /// appends it after the last token event.
     pub trailing_text: String,
     pub finish_reason: FinishReason,
-    /// Time to the first generated token (prefill + one sampling step).
+    /// Time spent waiting in the engine queue (set by the engine thread; zero for a bare session).
+    pub queue_time: Duration,
+    /// Time to the first generated token (prefill + one sampling step), from the start of the run.
     pub ttft: Duration,
+    /// Time of the run, from its start (queue time excluded).
     pub total: Duration,
 }
 
 impl Generation {
-    /// The result of a request cancelled while it waited in the queue.
-    pub fn cancelled_before_start(req: &ValidatedRequest) -> Self {
+    /// The result of a request that ended before its first forward pass (e.g. cancelled while queued).
+    pub fn ended_before_start(req: &ValidatedRequest, reason: FinishReason) -> Self {
         Generation {
             prompt_tokens: req.prompt_ids().len(),
             token_ids: vec![],
             text: String::new(),
             trailing_text: String::new(),
-            finish_reason: FinishReason::Cancelled,
+            finish_reason: reason,
+            queue_time: Duration::ZERO,
             ttft: Duration::ZERO,
             total: Duration::ZERO,
         }
@@ -135,18 +157,23 @@ impl Session {
         Ok(logits.iter().copied().collect())
     }
 
-    /// Runs a request from an empty cache, calling `on_token` for each generated token; `on_token` returning
-    /// `Break` cancels (the cancelled token is not part of the result).
+    /// Runs a request from an empty cache under `observer` (see [`Observer`]).
     pub fn generate(
         &mut self,
         req: &ValidatedRequest,
-        on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
+        observer: &mut dyn Observer,
     ) -> Result<Generation, EngineError> {
         let start = Instant::now();
         self.reset()?;
         let prompt = req.prompt_ids();
         let mut logits = vec![];
         for chunk in prompt.chunks(PREFILL_CHUNK) {
+            if let ControlFlow::Break(reason) = observer.check() {
+                let mut g = Generation::ended_before_start(req, reason);
+                g.total = start.elapsed();
+                g.ttft = g.total;
+                return Ok(g);
+            }
             logits = self.forward(chunk)?;
         }
         let mut sampler = Sampler::new(req.params().sampling.clone());
@@ -155,6 +182,8 @@ impl Session {
         let mut generated = vec![];
         let mut ttft = None;
         let mut finish = FinishReason::Length;
+        // Bytes of text delivered before a token the observer refused: the answer ends there.
+        let mut refused_at = None;
         while generated.len() < req.max_new_tokens() {
             let id = sampler.sample(&mut logits, &history);
             ttft.get_or_insert_with(|| start.elapsed());
@@ -164,15 +193,15 @@ impl Session {
             }
             generated.push(id);
             history.push(id);
+            let delivered = text.emitted().len();
             let pushed = text.push(id, |ids| self.model.decode(ids));
-            if on_token(&TokenEvent {
+            if let ControlFlow::Break(reason) = observer.token(&TokenEvent {
                 id,
                 text: pushed.delta,
-            })
-            .is_break()
-            {
+            }) {
                 generated.pop();
-                finish = FinishReason::Cancelled;
+                refused_at = Some(delivered);
+                finish = reason;
                 break;
             }
             if pushed.stopped {
@@ -180,20 +209,27 @@ impl Session {
                 break;
             }
             if generated.len() < req.max_new_tokens() {
+                if let ControlFlow::Break(reason) = observer.check() {
+                    finish = reason;
+                    break;
+                }
                 logits = self.forward(&[id])?;
             }
         }
-        let trailing_text = if finish == FinishReason::Cancelled {
-            String::new()
-        } else {
-            text.finish()
+        let (answer, trailing_text) = match refused_at {
+            Some(n) => (text.text()[..n].to_string(), String::new()),
+            None => {
+                let trailing = text.finish();
+                (text.text().to_string(), trailing)
+            }
         };
         Ok(Generation {
             trailing_text,
             prompt_tokens: prompt.len(),
             token_ids: generated,
-            text: text.text().to_string(),
+            text: answer,
             finish_reason: finish,
+            queue_time: Duration::ZERO,
             ttft: ttft.unwrap_or_else(|| start.elapsed()),
             total: start.elapsed(),
         })

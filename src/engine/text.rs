@@ -94,6 +94,11 @@ impl TextStream {
         delta
     }
 
+    /// The text handed out so far.
+    pub fn emitted(&self) -> &str {
+        &self.text[..self.emitted]
+    }
+
     /// The whole text so far (without a completed stop string).
     pub fn text(&self) -> &str {
         &self.text

@@ -1,15 +1,20 @@
-//! The engine thread: inference runs on a dedicated OS thread, never on an async runtime. Jobs arrive through a
-//! bounded queue; a full queue is a typed [`EngineError::Busy`], not a wait.
+//! The engine threads: inference runs on dedicated OS threads ("slots"), never on an async runtime. Jobs arrive
+//! through one bounded queue; a full queue is a typed [`EngineError::Busy`], not a wait.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::{EngineError, Generation, Model, TokenEvent, ValidatedRequest};
+use super::session::Observer;
+use super::{
+    EngineError, FinishReason, GenerateParams, Generation, Model, Prompt, TokenEvent,
+    ValidatedRequest,
+};
 
 /// What a job streams back: tokens, then exactly one `Done` or `Error`.
 #[derive(Debug)]
@@ -19,7 +24,7 @@ pub enum JobEvent {
     Error(EngineError),
 }
 
-/// Cancels a job; generation stops before the next token.
+/// Cancels a job; generation stops before the next forward pass.
 #[derive(Debug, Clone, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
 
@@ -39,97 +44,270 @@ pub struct JobHandle {
     pub cancel: CancelToken,
 }
 
-struct Job {
-    req: ValidatedRequest,
-    events: UnboundedSender<JobEvent>,
-    cancel: CancelToken,
+/// Per-job limits set by the caller.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobOptions {
+    /// A job still queued at its deadline fails with [`EngineError::DeadlineExceeded`]; a running one stops with
+    /// [`FinishReason::Budget`].
+    pub deadline: Option<Instant>,
 }
 
-/// A handle to the engine thread. Cloning shares the thread; dropping every handle stops it after the
-/// queued jobs.
+/// How the engine is laid out.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Inference threads, each with its own session (KV cache); requests run concurrently up to this number.
+    pub slots: usize,
+    /// Jobs that may wait for a free slot; one more is [`EngineError::Busy`].
+    pub queue: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { slots: 1, queue: 8 }
+    }
+}
+
+/// A snapshot of the engine's liveness and load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineHealth {
+    pub slots: usize,
+    /// Slot threads still running (less than `slots` only after a thread died).
+    pub slots_alive: usize,
+    /// Slots running a job.
+    pub running: usize,
+    /// Jobs waiting for a slot.
+    pub waiting: usize,
+    /// The longest time a running slot has gone without progress (a forward pass or a token).
+    pub longest_stall: Duration,
+}
+
+impl EngineHealth {
+    /// True when every slot thread lives and none has been stuck for `stall_limit` or longer.
+    pub fn is_alive(&self, stall_limit: Duration) -> bool {
+        self.slots_alive == self.slots && self.longest_stall < stall_limit
+    }
+}
+
+/// What serves validated requests. The daemon talks to inference only through this trait, and the only way to
+/// make a [`ValidatedRequest`] is [`Backend::prepare`].
+pub trait Backend: Send + Sync + 'static {
+    /// The model served.
+    fn model(&self) -> &Arc<Model>;
+    /// Validates a request against the model (see [`Model::prepare`]).
+    fn prepare(
+        &self,
+        prompt: &Prompt,
+        params: GenerateParams,
+    ) -> Result<ValidatedRequest, EngineError> {
+        self.model().prepare(prompt, params)
+    }
+    /// Queues a request; [`EngineError::Busy`] at once when the queue is full.
+    fn submit(&self, req: ValidatedRequest, opts: JobOptions) -> Result<JobHandle, EngineError>;
+    /// Liveness and load.
+    fn health(&self) -> EngineHealth;
+}
+
+struct Job {
+    req: ValidatedRequest,
+    opts: JobOptions,
+    events: UnboundedSender<JobEvent>,
+    cancel: CancelToken,
+    queued_at: Instant,
+}
+
+/// Progress marks of one slot, in milliseconds since the engine started (0 = idle).
+#[derive(Default)]
+struct SlotState {
+    last_progress: AtomicU64,
+}
+
+struct Shared {
+    epoch: Instant,
+    queue: Mutex<Receiver<Job>>,
+    waiting: AtomicUsize,
+    slots: Vec<SlotState>,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+}
+
+/// A handle to the engine threads. Cloning shares them; dropping every handle stops them after the queued jobs.
 #[derive(Clone)]
 pub struct Engine {
     model: Arc<Model>,
     queue: SyncSender<Job>,
     capacity: usize,
-    thread: Arc<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+    threads: Arc<Vec<JoinHandle<()>>>,
 }
 
 impl Engine {
-    /// Starts the engine thread with room for `capacity` waiting jobs.
-    pub fn spawn(model: Arc<Model>, capacity: usize) -> Result<Engine, EngineError> {
-        let (queue, rx) = sync_channel::<Job>(capacity);
-        let m = model.clone();
-        let thread = std::thread::Builder::new()
-            .name("bitnetd-engine".into())
-            .spawn(move || {
-                let mut session = match m.session() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        for job in rx {
-                            let _ = job.events.send(JobEvent::Error(e.clone()));
-                        }
-                        return;
-                    }
-                };
-                for job in rx {
-                    let events = job.events.clone();
-                    let mut on_token = |t: &TokenEvent| {
-                        if job.cancel.is_cancelled()
-                            || events.send(JobEvent::Token(t.clone())).is_err()
-                        {
-                            ControlFlow::Break(())
-                        } else {
-                            ControlFlow::Continue(())
-                        }
-                    };
-                    let result = if job.cancel.is_cancelled() {
-                        Ok(Generation::cancelled_before_start(&job.req))
-                    } else {
-                        session.generate(&job.req, &mut on_token)
-                    };
-                    let _ = job.events.send(match result {
-                        Ok(g) => JobEvent::Done(g),
-                        Err(e) => JobEvent::Error(e),
-                    });
-                }
-            })
-            .map_err(|e| EngineError::Inference(format!("spawning the engine thread: {e}")))?;
+    /// Starts `opts.slots` engine threads behind a queue of `opts.queue` waiting jobs.
+    pub fn spawn(model: Arc<Model>, opts: EngineOptions) -> Result<Engine, EngineError> {
+        if opts.slots == 0 {
+            return Err(EngineError::InvalidParam {
+                name: "slots",
+                message: "at least one slot".into(),
+            });
+        }
+        let (queue, rx) = sync_channel::<Job>(opts.queue);
+        let shared = Arc::new(Shared {
+            epoch: Instant::now(),
+            queue: Mutex::new(rx),
+            waiting: AtomicUsize::new(0),
+            slots: (0..opts.slots).map(|_| SlotState::default()).collect(),
+        });
+        let mut threads = Vec::with_capacity(opts.slots);
+        for slot in 0..opts.slots {
+            let (m, sh) = (model.clone(), shared.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("bitnetd-engine-{slot}"))
+                .spawn(move || slot_loop(m, sh, slot))
+                .map_err(|e| EngineError::Inference(format!("spawning an engine thread: {e}")))?;
+            threads.push(t);
+        }
         Ok(Engine {
             model,
             queue,
-            capacity,
-            thread: Arc::new(Some(thread)),
+            capacity: opts.queue,
+            shared,
+            threads: Arc::new(threads),
         })
     }
+}
 
-    /// The model this engine runs.
-    pub fn model(&self) -> &Arc<Model> {
+impl Backend for Engine {
+    fn model(&self) -> &Arc<Model> {
         &self.model
     }
 
-    /// Queues a validated request. Fails at once with [`EngineError::Busy`] when the queue is full.
-    pub fn submit(&self, req: ValidatedRequest) -> Result<JobHandle, EngineError> {
+    fn submit(&self, req: ValidatedRequest, opts: JobOptions) -> Result<JobHandle, EngineError> {
         let (tx, events) = unbounded_channel();
         let cancel = CancelToken::default();
-        match self.queue.try_send(Job {
+        // Counted before sending so that a slot taking the job at once never sees the counter below zero.
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let job = Job {
             req,
+            opts,
             events: tx,
             cancel: cancel.clone(),
-        }) {
+            queued_at: Instant::now(),
+        };
+        match self.queue.try_send(job) {
             Ok(()) => Ok(JobHandle { events, cancel }),
-            Err(TrySendError::Full(_)) => Err(EngineError::Busy {
-                capacity: self.capacity,
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(EngineError::ShutDown),
+            Err(e) => {
+                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => EngineError::Busy {
+                        capacity: self.capacity,
+                    },
+                    TrySendError::Disconnected(_) => EngineError::ShutDown,
+                })
+            }
         }
     }
 
-    /// True while the engine thread runs.
-    pub fn is_running(&self) -> bool {
-        self.thread
-            .as_ref()
-            .as_ref()
-            .is_some_and(|t| !t.is_finished())
+    fn health(&self) -> EngineHealth {
+        let now = self.shared.now_ms();
+        let marks: Vec<u64> = self
+            .shared
+            .slots
+            .iter()
+            .map(|s| s.last_progress.load(Ordering::Relaxed))
+            .filter(|&m| m != 0)
+            .collect();
+        let stall = marks.iter().map(|&m| now.saturating_sub(m)).max();
+        EngineHealth {
+            slots: self.threads.len(),
+            slots_alive: self.threads.iter().filter(|t| !t.is_finished()).count(),
+            running: marks.len(),
+            waiting: self.shared.waiting.load(Ordering::SeqCst),
+            longest_stall: Duration::from_millis(stall.unwrap_or(0)),
+        }
+    }
+}
+
+fn slot_loop(model: Arc<Model>, shared: Arc<Shared>, slot: usize) {
+    let next = || {
+        let job = shared.queue.lock().ok()?.recv().ok()?;
+        shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        Some(job)
+    };
+    let mut session = match model.session() {
+        Ok(s) => s,
+        Err(e) => {
+            while let Some(job) = next() {
+                let _ = job.events.send(JobEvent::Error(e.clone()));
+            }
+            return;
+        }
+    };
+    let state = &shared.slots[slot];
+    while let Some(job) = next() {
+        let queue_time = job.queued_at.elapsed();
+        let result = if job.cancel.is_cancelled() {
+            Ok(Generation::ended_before_start(
+                &job.req,
+                FinishReason::Cancelled,
+            ))
+        } else if job.opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            Err(EngineError::DeadlineExceeded { waited: queue_time })
+        } else {
+            state
+                .last_progress
+                .store(shared.now_ms(), Ordering::Relaxed);
+            let mut watch = JobObserver {
+                job: &job,
+                progress: &state.last_progress,
+                shared: &shared,
+            };
+            let r = session.generate(&job.req, &mut watch);
+            state.last_progress.store(0, Ordering::Relaxed);
+            r
+        };
+        let _ = job.events.send(match result {
+            Ok(mut g) => {
+                g.queue_time = queue_time;
+                JobEvent::Done(g)
+            }
+            Err(e) => JobEvent::Error(e),
+        });
+    }
+}
+
+/// Streams a job's tokens, marks progress for the watchdog, and stops on cancel, a gone receiver, or the deadline.
+struct JobObserver<'a> {
+    job: &'a Job,
+    progress: &'a AtomicU64,
+    shared: &'a Shared,
+}
+
+impl JobObserver<'_> {
+    fn limits(&self) -> ControlFlow<FinishReason> {
+        self.progress.store(self.shared.now_ms(), Ordering::Relaxed);
+        if self.job.cancel.is_cancelled() || self.job.events.is_closed() {
+            ControlFlow::Break(FinishReason::Cancelled)
+        } else if self.job.opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            ControlFlow::Break(FinishReason::Budget)
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+impl Observer for JobObserver<'_> {
+    fn check(&mut self) -> ControlFlow<FinishReason> {
+        self.limits()
+    }
+
+    fn token(&mut self, t: &TokenEvent) -> ControlFlow<FinishReason> {
+        self.limits()?;
+        if self.job.events.send(JobEvent::Token(t.clone())).is_err() {
+            return ControlFlow::Break(FinishReason::Cancelled);
+        }
+        ControlFlow::Continue(())
     }
 }

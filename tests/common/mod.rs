@@ -1,6 +1,14 @@
 //! Helpers shared by the integration tests that run the `bitnetd` binary.
+#![allow(dead_code)]
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// A `bitnetd` command for the binary under test.
 pub fn bitnetd() -> Command {
@@ -16,4 +24,195 @@ pub fn run_json(cmd: &mut Command) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+/// How long a test waits for the daemon before failing.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A `bitnetd run` process on a temporary socket, with the shipped default model. Killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts `bitnetd run` with `config` (TOML) and waits until the socket accepts connections.
+    pub fn start(config: &str) -> Daemon {
+        Daemon::start_with(config, |_| {})
+    }
+
+    /// Like [`Daemon::start`], letting `adjust` change the command (environment, descriptors).
+    pub fn start_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let d = Daemon::spawn(config, adjust);
+        d.wait_for_socket();
+        d
+    }
+
+    /// Starts the process without waiting for it.
+    pub fn spawn(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("bitnetd.sock");
+        let cfg = dir.path().join("bitnetd.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut cmd = bitnetd();
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("BITNETD_SOCKET", &socket)
+            .env("BITNETD_LOG", "debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("BITNETD_MODEL")
+            .env_remove("BITNETD_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().expect("starting bitnetd run");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Daemon {
+            child,
+            dir,
+            socket,
+            stderr,
+        }
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the socket accepts connections (panics with the log if the daemon exits first).
+    pub fn wait_for_socket(&self) {
+        self.wait_for_path(&self.socket.clone());
+    }
+
+    pub fn wait_for_path(&self, path: &Path) {
+        let start = Instant::now();
+        while UnixStream::connect(path).is_err() {
+            assert!(start.elapsed() < PATIENCE, "daemon not up: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(&self.socket)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the process to exit (panics after [`PATIENCE`]).
+    pub fn wait(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // Let the stderr thread drain.
+                std::thread::sleep(Duration::from_millis(50));
+                return s;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "daemon did not exit: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A line-oriented client of the socket API.
+pub struct Client {
+    pub stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).expect("connecting to the daemon");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    pub fn send(&mut self, v: &Value) {
+        self.send_raw(format!("{v}\n").as_bytes());
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next reply line, or `None` when the daemon closed the connection.
+    pub fn try_recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))),
+            Err(e) => panic!("reading a reply: {e}"),
+        }
+    }
+
+    pub fn recv(&mut self) -> Value {
+        self.try_recv().expect("a reply, not end of stream")
+    }
+
+    /// Reads replies until the terminal one for `id`; returns its streamed texts and the terminal reply.
+    /// Replies for other ids are skipped.
+    pub fn finish(&mut self, id: &Value) -> (Vec<String>, Value) {
+        let mut tokens = vec![];
+        loop {
+            let r = self.recv();
+            if &r["id"] != id {
+                continue;
+            }
+            match r["type"].as_str() {
+                Some("token") => tokens.push(r["text"].as_str().unwrap().to_string()),
+                Some("done") | Some("error") => return (tokens, r),
+                other => panic!("unexpected reply type {other:?}: {r}"),
+            }
+        }
+    }
+
+    pub fn status(&mut self) -> Value {
+        self.send(&serde_json::json!({"cmd": "status"}));
+        loop {
+            let r = self.recv();
+            if r["type"] == "status" {
+                return r;
+            }
+        }
+    }
 }

@@ -1,0 +1,109 @@
+//! Memory accounting: the estimate of what a model needs before it is loaded, checked against the budget at
+//! start, and the process's resident size for `status`.
+
+use std::path::Path;
+
+use crate::meta::{ModelMeta, DATA_FILE, ONNX_FILE};
+
+/// Allowance for the runtime beyond weights and KV cache: tokenizer, tract's plan and scratch, the daemon.
+pub const RUNTIME_OVERHEAD_BYTES: u64 = 64 << 20;
+
+/// What a model is expected to hold resident, by part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Weights as stored (the ONNX graph and its external data).
+    pub weights: u64,
+    /// KV cache of one slot at full context (f32 keys and values, every layer).
+    pub kv_per_slot: u64,
+    pub slots: usize,
+    pub overhead: u64,
+}
+
+impl MemoryEstimate {
+    /// Estimates the resident size of the model in `dir` with `slots` sessions.
+    pub fn for_model(
+        dir: &Path,
+        meta: &ModelMeta,
+        slots: usize,
+    ) -> std::io::Result<MemoryEstimate> {
+        let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len());
+        let data = match size(DATA_FILE) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let a = &meta.architecture;
+        let kv = 2 * a.layers * a.kv_heads * a.head_dim * meta.context_length * 4;
+        Ok(MemoryEstimate {
+            weights: size(ONNX_FILE)? + data,
+            kv_per_slot: kv as u64,
+            slots,
+            overhead: RUNTIME_OVERHEAD_BYTES,
+        })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_per_slot * self.slots as u64 + self.overhead
+    }
+
+    /// `Ok` when the estimate fits `budget`, else a sentence with the numbers and what to change.
+    pub fn check(&self, budget: u64) -> Result<(), String> {
+        if self.total() <= budget {
+            return Ok(());
+        }
+        Err(format!(
+            "the model needs about {} ({} weights + {} slot(s) x {} KV cache + {} runtime) but the memory budget \
+             is {}: raise [budget] memory_bytes, use fewer [engine] slots, or use a smaller model",
+            mib(self.total()),
+            mib(self.weights),
+            self.slots,
+            mib(self.kv_per_slot),
+            mib(self.overhead),
+            mib(budget)
+        ))
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// The resident set size of this process, from `/proc/self/status` (`None` where there is no procfs).
+pub fn process_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_estimate_over_budget_says_what_to_change() {
+        let e = MemoryEstimate {
+            weights: 3 << 30,
+            kv_per_slot: 600 << 20,
+            slots: 2,
+            overhead: RUNTIME_OVERHEAD_BYTES,
+        };
+        assert_eq!(e.total(), (3 << 30) + (1200 << 20) + (64 << 20));
+        assert!(e.check(5 << 30).is_ok());
+        let msg = e.check(4 << 30).unwrap_err();
+        assert!(
+            msg.contains("4336 MiB") && msg.contains("4096 MiB"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("memory_bytes") && msg.contains("slots"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn rss_is_read_on_linux() {
+        let rss = process_rss_bytes().expect("procfs");
+        assert!(rss > 1 << 20);
+    }
+}

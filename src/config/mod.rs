@@ -1,0 +1,326 @@
+//! Configuration in two stages, as ripgrep does: [`raw::RawConfig`] is what the TOML file says, [`Config`] is
+//! the validated result with defaults and environment overrides applied. Every error names the key and, when
+//! the file has it, the line.
+
+mod env;
+mod error;
+pub mod raw;
+mod spans;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use env::Env;
+
+use crate::budget::MemoryEstimate;
+use crate::meta::ModelMeta;
+pub use error::ConfigError;
+use raw::RawConfig;
+
+/// The commented default configuration printed by `bitnetd print-config`.
+pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from, if any.
+    pub source: Option<PathBuf>,
+    pub model: ModelConfig,
+    pub engine: EngineConfig,
+    pub socket: SocketConfig,
+    pub budget: BudgetConfig,
+    pub logging: LoggingConfig,
+    /// The file's text, to name lines in later checks.
+    text: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    /// At least 1.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// At least 1.
+    pub slots: usize,
+    /// At least 1.
+    pub queue: usize,
+    /// At least 1.
+    pub default_max_tokens: usize,
+    pub drain_timeout: Duration,
+    pub stall_limit: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketConfig {
+    pub enabled: bool,
+    pub path: PathBuf,
+    /// Where `path` came from, for the startup log.
+    pub path_origin: &'static str,
+    /// Permission bits (at most 0o777).
+    pub mode: u32,
+    pub group: Option<String>,
+    /// At least 64.
+    pub max_line_bytes: usize,
+    pub max_connections: usize,
+    pub max_requests_per_connection: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetConfig {
+    pub memory_bytes: u64,
+    pub default_deadline: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggingConfig {
+    /// An env_logger filter (a bare level is one).
+    pub filter: String,
+    pub target: LogTarget,
+}
+
+/// Where log records go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// journald when stderr is connected to the journal (`$JOURNAL_STREAM`), else stderr.
+    Auto,
+    Journald,
+    Stderr,
+}
+
+/// Smallest memory budget accepted at all; the model check at startup is the real bound.
+const MIN_MEMORY_BYTES: u64 = 64 << 20;
+
+impl Config {
+    /// The configuration for `--config PATH` (or `$BITNETD_CONFIG`), else the defaults; `env` overrides.
+    pub fn load(path: Option<&Path>, env: &Env) -> Result<Config, ConfigError> {
+        let path = path
+            .map(Path::to_path_buf)
+            .or_else(|| env.path(Env::CONFIG));
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(&p).map_err(|e| ConfigError::Read {
+                    path: p.clone(),
+                    message: e.to_string(),
+                })?;
+                Config::from_toml(&text, Some(&p), env)
+            }
+            None => Config::from_toml("", None, env),
+        }
+    }
+
+    /// Parses and validates `text` (the contents of `source`).
+    pub fn from_toml(text: &str, source: Option<&Path>, env: &Env) -> Result<Config, ConfigError> {
+        let file = source.map(Path::to_path_buf);
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| spans::line_col(text, s.start))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                file: file.clone(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            file: file.clone(),
+            line: spans::line_of_key(text, key),
+            key: key.to_string(),
+            message,
+        };
+        validate(raw, env, &invalid).map(|mut c| {
+            c.source = file.clone();
+            c.text = text.to_string();
+            c
+        })
+    }
+
+    /// An [`ConfigError::Invalid`] for `key`, with its line when the file sets it.
+    pub fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.source.clone(),
+            line: spans::line_of_key(&self.text, key),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Checks the configuration against its model: the directory holds an exported model, and the model fits
+    /// the memory budget with the configured slots.
+    pub fn check_model(&self) -> Result<(ModelMeta, MemoryEstimate), ConfigError> {
+        let dir = &self.model.path;
+        let meta = ModelMeta::read(dir)
+            .map_err(|e| self.invalid("model.path", format!("{}: {e}", dir.display())))?;
+        let estimate = MemoryEstimate::for_model(dir, &meta, self.engine.slots)
+            .map_err(|e| self.invalid("model.path", format!("{}: {e}", dir.display())))?;
+        estimate
+            .check(self.budget.memory_bytes)
+            .map_err(|m| self.invalid("budget.memory_bytes", m))?;
+        Ok((meta, estimate))
+    }
+}
+
+fn validate(
+    raw: RawConfig,
+    env: &Env,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Config, ConfigError> {
+    let at_least = |key: &str, v: usize, min: usize| {
+        if v < min {
+            Err(invalid(key, format!("{v} is below the minimum of {min}")))
+        } else {
+            Ok(v)
+        }
+    };
+    let model_path = match env.path(Env::MODEL) {
+        Some(p) => p,
+        None => raw
+            .model
+            .path
+            .clone()
+            .unwrap_or_else(crate::default_model::default_model_dir),
+    };
+    let threads = match env.get(Env::THREADS) {
+        Some(t) => t.parse::<usize>().map_err(|_| ConfigError::Env {
+            var: Env::THREADS,
+            message: format!("{t:?} is not a number"),
+        })?,
+        None => raw.model.threads.unwrap_or_else(default_threads),
+    };
+    if threads == 0 {
+        return Err(match env.get(Env::THREADS) {
+            Some(_) => ConfigError::Env {
+                var: Env::THREADS,
+                message: "must be at least 1".into(),
+            },
+            None => invalid(
+                "model.threads",
+                "must be at least 1 (omit it to use every core)".into(),
+            ),
+        });
+    }
+    let e = &raw.engine;
+    let engine = EngineConfig {
+        slots: at_least("engine.slots", e.slots, 1)?,
+        queue: at_least("engine.queue", e.queue, 1)?,
+        default_max_tokens: at_least("engine.default_max_tokens", e.default_max_tokens, 1)?,
+        drain_timeout: Duration::from_secs(e.drain_timeout_secs),
+        stall_limit: Duration::from_secs(at_least(
+            "engine.stall_limit_secs",
+            e.stall_limit_secs as usize,
+            5,
+        )? as u64),
+    };
+    let s = &raw.socket;
+    if s.mode > 0o777 {
+        return Err(invalid(
+            "socket.mode",
+            format!("{:#o} is not a permission mode (at most 0o777)", s.mode),
+        ));
+    }
+    if s.group.as_deref() == Some("") {
+        return Err(invalid(
+            "socket.group",
+            "must not be empty (omit it)".into(),
+        ));
+    }
+    let (path, path_origin) = match (env.path(Env::SOCKET), &s.path) {
+        (Some(p), _) => (p, "BITNETD_SOCKET"),
+        (None, Some(p)) => (p.clone(), "config"),
+        (None, None) => env.default_socket_path(),
+    };
+    let socket = SocketConfig {
+        enabled: s.enabled,
+        path,
+        path_origin,
+        mode: s.mode,
+        group: s.group.clone(),
+        max_line_bytes: at_least("socket.max_line_bytes", s.max_line_bytes, 64)?,
+        max_connections: at_least("socket.max_connections", s.max_connections, 1)?,
+        max_requests_per_connection: at_least(
+            "socket.max_requests_per_connection",
+            s.max_requests_per_connection,
+            1,
+        )?,
+    };
+    let memory_bytes = raw
+        .budget
+        .memory_bytes
+        .bytes()
+        .map_err(|m| invalid("budget.memory_bytes", m))?;
+    if memory_bytes < MIN_MEMORY_BYTES {
+        return Err(invalid(
+            "budget.memory_bytes",
+            format!("{memory_bytes} bytes is below the minimum of 64M"),
+        ));
+    }
+    let budget = BudgetConfig {
+        memory_bytes,
+        default_deadline: (raw.budget.default_deadline_ms > 0)
+            .then(|| Duration::from_millis(raw.budget.default_deadline_ms)),
+    };
+    let filter = env.get(Env::LOG).unwrap_or(raw.logging.level.clone());
+    if let Err(m) = check_filter(&filter) {
+        return Err(match env.get(Env::LOG) {
+            Some(_) => ConfigError::Env {
+                var: Env::LOG,
+                message: m,
+            },
+            None => invalid("logging.level", m),
+        });
+    }
+    let target = match raw.logging.target.as_str() {
+        "auto" => LogTarget::Auto,
+        "journald" => LogTarget::Journald,
+        "stderr" => LogTarget::Stderr,
+        other => {
+            return Err(invalid(
+                "logging.target",
+                format!("{other:?} is not one of \"auto\", \"journald\", \"stderr\""),
+            ))
+        }
+    };
+    Ok(Config {
+        source: None,
+        model: ModelConfig {
+            path: model_path,
+            threads,
+        },
+        engine,
+        socket,
+        budget,
+        logging: LoggingConfig { filter, target },
+        text: String::new(),
+    })
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Accepts a level, or an env_logger filter whose every directive names a valid level.
+fn check_filter(filter: &str) -> Result<(), String> {
+    let levels = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit('=').next().unwrap_or(directive);
+        let bare_module =
+            !directive.contains('=') && !levels.contains(&level.to_ascii_lowercase().as_str());
+        if bare_module && !directive.contains("::") {
+            return Err(format!(
+                "{directive:?} is not a level (one of {})",
+                levels.join(", ")
+            ));
+        }
+        if directive.contains('=') && !levels.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!("{directive:?}: {level:?} is not a level"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+//! Stage one of the configuration: what the TOML file says, field for field. Defaults here equal the commented
+//! template `defaults.toml` (a test keeps them equal); what each option means is documented there and below.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole file. Every section and key is optional; unknown keys are errors.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub model: RawModel,
+    pub engine: RawEngine,
+    pub socket: RawSocket,
+    pub budget: RawBudget,
+    pub logging: RawLogging,
+}
+
+/// `[model]`: which model, and how many threads run it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawModel {
+    /// Model directory; `None` means `$BITNETD_MODEL`, else the shipped default model.
+    pub path: Option<PathBuf>,
+    /// Threads for matrix products; `None` means every core. 0 is an error.
+    pub threads: Option<usize>,
+}
+
+/// `[engine]`: slots, queue and request defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawEngine {
+    /// Requests running at once (each holds a KV cache).
+    pub slots: usize,
+    /// Requests waiting for a slot before `busy`.
+    pub queue: usize,
+    /// `max_tokens` when a request does not say.
+    pub default_max_tokens: usize,
+    /// Grace time for in-flight work on shutdown.
+    pub drain_timeout_secs: u64,
+    /// No progress for this long on a running slot fails the watchdog.
+    pub stall_limit_secs: u64,
+}
+
+impl Default for RawEngine {
+    fn default() -> Self {
+        RawEngine {
+            slots: 1,
+            queue: 8,
+            default_max_tokens: 256,
+            drain_timeout_secs: 20,
+            stall_limit_secs: 120,
+        }
+    }
+}
+
+/// `[socket]`: the Unix socket API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSocket {
+    pub enabled: bool,
+    /// `None`: `bitnetd.sock` under `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR`, or the current directory.
+    pub path: Option<PathBuf>,
+    /// File mode of a socket bitnetd creates.
+    pub mode: u32,
+    /// Group of a socket bitnetd creates.
+    pub group: Option<String>,
+    pub max_line_bytes: usize,
+    pub max_connections: usize,
+    pub max_requests_per_connection: usize,
+}
+
+impl Default for RawSocket {
+    fn default() -> Self {
+        RawSocket {
+            enabled: true,
+            path: None,
+            mode: 0o660,
+            group: None,
+            max_line_bytes: 1 << 20,
+            max_connections: 64,
+            max_requests_per_connection: 16,
+        }
+    }
+}
+
+/// `[budget]`: resource limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBudget {
+    /// Bytes, as an integer or a string with a K/M/G/T suffix (powers of 1024).
+    pub memory_bytes: ByteSize,
+    /// Milliseconds; 0 means no deadline.
+    pub default_deadline_ms: u64,
+}
+
+impl Default for RawBudget {
+    fn default() -> Self {
+        RawBudget {
+            memory_bytes: ByteSize::Text("4G".into()),
+            default_deadline_ms: 0,
+        }
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLogging {
+    /// A level or an env_logger filter.
+    pub level: String,
+    /// `auto`, `journald` or `stderr`.
+    pub target: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        RawLogging {
+            level: "info".into(),
+            target: "auto".into(),
+        }
+    }
+}
+
+/// A byte count as written in the file: `4294967296` or `"4G"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    /// The number of bytes. Suffixes K, M, G, T (optionally followed by `iB` or `B`) are powers of 1024, as in
+    /// systemd's `MemoryMax=`.
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            ByteSize::Bytes(b) => Ok(*b),
+            ByteSize::Text(t) => parse_bytes(t),
+        }
+    }
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim();
+    let shift = match unit
+        .trim_end_matches("iB")
+        .trim_end_matches('B')
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use K, M, G or T)"
+            ))
+        }
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 4G or 512M"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !(bytes.is_finite() && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_use_systemd_units() {
+        let b = |s: &str| ByteSize::Text(s.into()).bytes();
+        assert_eq!(b("4G"), Ok(4 << 30));
+        assert_eq!(b("512M"), Ok(512 << 20));
+        assert_eq!(b("1.5GiB"), Ok(3 << 29));
+        assert_eq!(b("2048"), Ok(2048));
+        assert_eq!(b(" 64 KB "), Ok(64 << 10));
+        assert!(b("4X").is_err());
+        assert!(b("lots").is_err());
+        assert!(b("").is_err());
+        assert_eq!(ByteSize::Bytes(7).bytes(), Ok(7));
+    }
+}

@@ -1,0 +1,198 @@
+use super::raw::RawConfig;
+use super::*;
+
+fn env() -> Env {
+    Env::empty("/work")
+}
+
+fn err(text: &str) -> ConfigError {
+    Config::from_toml(text, Some(Path::new("bitnetd.toml")), &env()).unwrap_err()
+}
+
+/// The template with every `# key = value` line uncommented.
+fn uncommented_template() -> String {
+    DEFAULTS_TOML
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| !k.contains(' ')) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    if let serde_json::Value::Object(m) = v {
+        for (k, v) in m {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if v.is_object() {
+                keys(v, &key, out);
+            } else {
+                out.push(key);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_printed_defaults_are_the_defaults() {
+    let parsed: RawConfig = toml::from_str(DEFAULTS_TOML).unwrap();
+    assert_eq!(parsed, RawConfig::default());
+}
+
+#[test]
+fn every_option_is_documented_in_the_printed_defaults() {
+    // The commented-out examples must be real keys, and every key must appear in the template.
+    let all: RawConfig = toml::from_str(&uncommented_template()).unwrap();
+    assert!(all.model.path.is_some() && all.model.threads.is_some() && all.socket.group.is_some());
+    let mut names = vec![];
+    keys(
+        &serde_json::to_value(RawConfig::default()).unwrap(),
+        "",
+        &mut names,
+    );
+    let template = uncommented_template();
+    for key in names {
+        let leaf = key.rsplit('.').next().unwrap();
+        assert!(
+            template
+                .lines()
+                .any(|l| l.starts_with(&format!("{leaf} = "))),
+            "{key} is not documented in defaults.toml"
+        );
+    }
+}
+
+#[test]
+fn no_file_gives_the_defaults() {
+    let c = Config::from_toml("", None, &env()).unwrap();
+    assert_eq!(c.engine.slots, 1);
+    assert_eq!(c.engine.queue, 8);
+    assert_eq!(c.budget.memory_bytes, 4 << 30);
+    assert_eq!(c.budget.default_deadline, None);
+    assert_eq!(c.socket.mode, 0o660);
+    assert_eq!(c.socket.max_line_bytes, 1 << 20);
+    assert_eq!(c.socket.path, PathBuf::from("/work/bitnetd.sock"));
+    assert!(c.model.threads >= 1);
+    assert_eq!(c.logging.target, LogTarget::Auto);
+}
+
+#[test]
+fn socket_path_prefers_runtime_directory_then_xdg() {
+    let e = env().with(Env::XDG_RUNTIME_DIR, "/run/user/1000");
+    let c = Config::from_toml("", None, &e).unwrap();
+    assert_eq!(c.socket.path, PathBuf::from("/run/user/1000/bitnetd.sock"));
+    let e = e.with(Env::RUNTIME_DIRECTORY, "/run/bitnetd:/run/other");
+    let c = Config::from_toml("", None, &e).unwrap();
+    assert_eq!(c.socket.path, PathBuf::from("/run/bitnetd/bitnetd.sock"));
+    let c = Config::from_toml("[socket]\npath = \"/tmp/x.sock\"\n", None, &e).unwrap();
+    assert_eq!(c.socket.path, PathBuf::from("/tmp/x.sock"));
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let e = env()
+        .with(Env::MODEL, "/models/2b")
+        .with(Env::THREADS, "3")
+        .with(Env::SOCKET, "/tmp/s.sock")
+        .with(Env::LOG, "debug");
+    let text = "[model]\npath = \"/models/small\"\nthreads = 1\n[logging]\nlevel = \"warn\"\n";
+    let c = Config::from_toml(text, None, &e).unwrap();
+    assert_eq!(c.model.path, PathBuf::from("/models/2b"));
+    assert_eq!(c.model.threads, 3);
+    assert_eq!(c.socket.path, PathBuf::from("/tmp/s.sock"));
+    assert_eq!(c.logging.filter, "debug");
+    let bad = Config::from_toml("", None, &env().with(Env::THREADS, "many")).unwrap_err();
+    assert!(
+        matches!(
+            bad,
+            ConfigError::Env {
+                var: "BITNETD_THREADS",
+                ..
+            }
+        ),
+        "{bad}"
+    );
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_line() {
+    let e = err("[engine]\nslots = 1\nslotz = 2\n");
+    assert_eq!(e.line(), Some(3), "{e}");
+    assert!(e.to_string().contains("unknown field `slotz`"), "{e}");
+    assert!(e.to_string().starts_with("bitnetd.toml:3"), "{e}");
+    let e = err("[mqttt]\nhost = \"x\"\n");
+    assert_eq!(e.line(), Some(1), "{e}");
+}
+
+#[test]
+fn wrong_types_are_named_with_their_line() {
+    let e = err("[engine]\n\nqueue = \"eight\"\n");
+    assert_eq!(e.line(), Some(3), "{e}");
+    assert!(e.to_string().contains("invalid type"), "{e}");
+    let e = err("[socket]\nenabled = 1\n");
+    assert_eq!(e.line(), Some(2), "{e}");
+    let e = err("not toml at all");
+    assert_eq!(e.line(), Some(1), "{e}");
+}
+
+#[test]
+fn impossible_values_are_named_with_key_and_line() {
+    for (text, key, line) in [
+        ("[model]\nthreads = 0\n", "model.threads", 2),
+        ("[engine]\nslots = 0\n", "engine.slots", 2),
+        (
+            "[engine]\nqueue = 1\ndefault_max_tokens = 0\n",
+            "engine.default_max_tokens",
+            3,
+        ),
+        ("[socket]\nmode = 0o1777\n", "socket.mode", 2),
+        (
+            "[socket]\nmax_line_bytes = 10\n",
+            "socket.max_line_bytes",
+            2,
+        ),
+        (
+            "[budget]\nmemory_bytes = \"1M\"\n",
+            "budget.memory_bytes",
+            2,
+        ),
+        (
+            "[budget]\nmemory_bytes = \"4Q\"\n",
+            "budget.memory_bytes",
+            2,
+        ),
+        ("[logging]\nlevel = \"loud\"\n", "logging.level", 2),
+        ("[logging]\n\ntarget = \"syslog\"\n", "logging.target", 3),
+    ] {
+        let e = err(text);
+        assert_eq!(e.key(), Some(key), "{text}: {e}");
+        assert_eq!(e.line(), Some(line), "{text}: {e}");
+        assert!(e.to_string().contains(key), "{e}");
+    }
+}
+
+#[test]
+fn negative_numbers_are_type_errors_not_panics() {
+    let e = err("[engine]\nslots = -1\n");
+    assert_eq!(e.line(), Some(2), "{e}");
+}
+
+#[test]
+fn log_filters_accept_levels_and_module_directives() {
+    assert!(check_filter("info").is_ok());
+    assert!(check_filter("warn,bitnetd::server=debug").is_ok());
+    assert!(check_filter("bitnetd::server").is_ok());
+    assert!(check_filter("inof").is_err());
+    assert!(check_filter("bitnetd=lots").is_err());
+}

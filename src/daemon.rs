@@ -1,0 +1,161 @@
+//! `bitnetd run`: load the model, start the engine, serve the sockets, supervise with systemd, and shut down
+//! cleanly when `shutdown` fires, answering every accepted request first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use crate::dispatch::{DispatchOptions, Dispatcher};
+use crate::engine::{Engine, EngineError, EngineOptions, LoadOptions, Model};
+use crate::server::{self, ConnectionLimits, Listener, ServerError};
+use crate::systemd::{self, Notifier, START_EXTENSION};
+
+/// After the drain timeout cancels what is left, how long the cancelled requests get to send their replies.
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The model is missing or does not fit the budget.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Runs the daemon until `shutdown` is cancelled. Returns once every accepted request is answered (or the
+/// drain timeout cancelled it) and the socket file is removed.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let notify = Notifier;
+    let dir = config.model.path.clone();
+    let (meta, estimate) = config.check_model()?;
+    log::info!(model = meta.name.as_str(), path:? = dir, threads = config.model.threads,
+        estimate_bytes = estimate.total(); "loading model");
+    notify.status(&format!("loading model {}", meta.name));
+
+    let Some(model) = load(&config, &notify, &shutdown).await? else {
+        notify.stopping("stopped while loading");
+        return Ok(());
+    };
+    let engine = Engine::spawn(
+        model.clone(),
+        EngineOptions {
+            slots: config.engine.slots,
+            queue: config.engine.queue,
+        },
+    )?;
+    let dispatcher = Dispatcher::new(
+        Arc::new(engine),
+        DispatchOptions {
+            default_max_tokens: config.engine.default_max_tokens,
+            default_deadline: config.budget.default_deadline,
+            stall_limit: config.engine.stall_limit,
+            memory_budget: config.budget.memory_bytes,
+        },
+    );
+
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let mut where_ = String::from("no socket");
+    if config.socket.enabled {
+        let listener = Listener::bind(&config.socket)?;
+        where_ = match (&listener.path, listener.activated) {
+            (Some(p), true) => format!("{} (socket activation)", p.display()),
+            (None, true) => "a socket from systemd".into(),
+            (Some(p), false) => format!("{} (from {})", p.display(), config.socket.path_origin),
+            (None, false) => "an unnamed socket".into(),
+        };
+        let limits = ConnectionLimits {
+            max_line_bytes: config.socket.max_line_bytes,
+            max_requests: config.socket.max_requests_per_connection,
+        };
+        tracker.spawn(server::serve(
+            listener,
+            dispatcher.clone(),
+            limits,
+            config.socket.max_connections,
+            stop_accepting.clone(),
+            tracker.clone(),
+        ));
+    }
+    let ready = format!("serving {} on {where_}", meta.name);
+    log::info!(model = meta.name.as_str(), socket = where_.as_str(); "ready");
+    notify.ready(&ready);
+    let watchdog = tokio::spawn(watchdog(dispatcher.clone()));
+
+    shutdown.cancelled().await;
+    let in_flight = dispatcher.in_flight();
+    log::info!(in_flight; "shutting down");
+    notify.stopping(&format!("draining {in_flight} request(s)"));
+    dispatcher.begin_drain();
+    stop_accepting.cancel();
+    let drain = config.engine.drain_timeout;
+    if tokio::time::timeout(drain, dispatcher.idle())
+        .await
+        .is_err()
+    {
+        log::warn!(in_flight = dispatcher.in_flight(); "drain timeout: cancelling what is left");
+        dispatcher.cancel_all();
+        let _ = tokio::time::timeout(CANCEL_GRACE, dispatcher.idle()).await;
+    }
+    tracker.close();
+    if tokio::time::timeout(CANCEL_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        log::warn!("connections did not close in time");
+    }
+    watchdog.abort();
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Loads the model off the runtime, asking systemd for more start time while it takes. `None` when shutdown
+/// came first.
+async fn load(
+    config: &Config,
+    notify: &Notifier,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<Model>>, DaemonError> {
+    let (dir, threads) = (config.model.path.clone(), config.model.threads);
+    let mut task = tokio::task::spawn_blocking(move || Model::load(&dir, &LoadOptions { threads }));
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(START_EXTENSION / 3);
+    loop {
+        tokio::select! {
+            r = &mut task => {
+                let model = r.map_err(|e| EngineError::Inference(format!("model loading panicked: {e}")))??;
+                log::info!(seconds = started.elapsed().as_secs_f64(); "model loaded");
+                return Ok(Some(model));
+            }
+            _ = tick.tick() => notify.extend_timeout(START_EXTENSION),
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+    }
+}
+
+/// Pings the systemd watchdog while the engine is alive. A stuck or dead engine stops the pings, and systemd
+/// restarts the service.
+async fn watchdog(dispatcher: Arc<Dispatcher>) {
+    let Some(every) = systemd::watchdog_interval() else {
+        return;
+    };
+    let notify = Notifier;
+    let mut warned = false;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if dispatcher.engine_alive() {
+            notify.watchdog();
+            warned = false;
+        } else if !warned {
+            log::error!("the engine is stuck or dead: withholding the watchdog ping");
+            warned = true;
+        }
+    }
+}

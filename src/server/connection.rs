@@ -1,0 +1,213 @@
+//! One client connection: reads request lines, hands them to the dispatcher, and writes every reply as one
+//! line. Several requests may be in flight, told apart by `id`. Bad input gets an `error` line and the
+//! connection stays usable. End of stream, a failed write, or shutdown after the last answer ends it; when the
+//! client goes away its requests are cancelled.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::{Dispatcher, Ticket};
+use crate::engine::CancelToken;
+use crate::protocol::{self, ErrorCode, Id, Incoming, Reply, WireError};
+
+use super::lines::{Line, LineReader};
+
+/// Replies buffered per connection before request pumps wait for the writer.
+const WRITE_QUEUE: usize = 256;
+
+/// Limits of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_line_bytes: usize,
+    pub max_requests: usize,
+}
+
+/// The requests in flight on one connection, by id.
+#[derive(Default)]
+struct InFlight {
+    by_id: Mutex<HashMap<String, CancelToken>>,
+    changed: Notify,
+}
+
+impl InFlight {
+    fn key(id: &Id) -> String {
+        id.to_string()
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.lock().unwrap().len()
+    }
+
+    fn cancel_all(&self) {
+        for c in self.by_id.lock().unwrap().values() {
+            c.cancel();
+        }
+    }
+
+    fn remove(&self, id: &Id) {
+        self.by_id.lock().unwrap().remove(&InFlight::key(id));
+        self.changed.notify_waiters();
+    }
+
+    async fn empty(&self) {
+        loop {
+            let n = self.changed.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.len() == 0 {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Serves `stream` until the client leaves, or until `shutdown` and every accepted request is answered.
+pub async fn serve(
+    stream: UnixStream,
+    dispatcher: Arc<Dispatcher>,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let (out, mut out_rx) = mpsc::channel::<Reply>(WRITE_QUEUE);
+    let gone = CancellationToken::new();
+    let writer = {
+        let gone = gone.clone();
+        tokio::spawn(async move {
+            while let Some(reply) = out_rx.recv().await {
+                if wr.write_all(&reply.to_line()).await.is_err() {
+                    gone.cancel();
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        })
+    };
+    let in_flight = Arc::new(InFlight::default());
+    let mut reader = LineReader::new(rd, limits.max_line_bytes);
+    let mut eof = false;
+    loop {
+        tokio::select! {
+            line = reader.next(), if !eof => match line {
+                Ok(Some(line)) => handle(line, &dispatcher, &in_flight, &out, limits).await,
+                Ok(None) | Err(_) => {
+                    eof = true;
+                    in_flight.cancel_all();
+                }
+            },
+            _ = gone.cancelled() => {
+                in_flight.cancel_all();
+                break;
+            }
+            _ = in_flight.empty(), if eof || shutdown.is_cancelled() => break,
+            _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+        }
+    }
+    // Wait for the pumps to deliver the terminal replies of cancelled requests, then let the writer finish.
+    in_flight.empty().await;
+    drop(out);
+    let _ = writer.await;
+}
+
+async fn handle(
+    line: Line,
+    dispatcher: &Arc<Dispatcher>,
+    in_flight: &Arc<InFlight>,
+    out: &mpsc::Sender<Reply>,
+    limits: ConnectionLimits,
+) {
+    let received = Instant::now();
+    let reply = |e: WireError| async move {
+        dispatcher.record_rejected();
+        let _ = out.send(e.into()).await;
+    };
+    let text = match line {
+        Line::Text(t) if t.trim().is_empty() => return,
+        Line::Text(t) => t,
+        Line::TooLong => {
+            let msg = format!("line longer than {} bytes", limits.max_line_bytes);
+            return reply(WireError::new(ErrorCode::TooLarge, msg)).await;
+        }
+        Line::NotUtf8 => {
+            return reply(WireError::new(ErrorCode::BadRequest, "line is not UTF-8")).await
+        }
+    };
+    match protocol::parse(text.as_bytes()) {
+        Err(e) => reply(e).await,
+        Ok(Incoming::Command {
+            id,
+            cmd: protocol::Command::Status,
+        }) => {
+            let _ = out
+                .send(Reply::Status(Box::new(dispatcher.status(id))))
+                .await;
+        }
+        Ok(Incoming::Cancel { id }) => {
+            if let Some(c) = in_flight.by_id.lock().unwrap().get(&InFlight::key(&id)) {
+                c.cancel();
+            }
+        }
+        Ok(Incoming::Request(req)) => {
+            let key = InFlight::key(&req.id);
+            let refuse = {
+                let map = in_flight.by_id.lock().unwrap();
+                if map.contains_key(&key) {
+                    Some(WireError::new(
+                        ErrorCode::BadRequest,
+                        "a request with this id is in flight",
+                    ))
+                } else if map.len() >= limits.max_requests {
+                    let mut e = WireError::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "at most {} requests in flight per connection",
+                            limits.max_requests
+                        ),
+                    );
+                    e.retry_after_ms = Some(1000);
+                    Some(e)
+                } else {
+                    None
+                }
+            };
+            if let Some(e) = refuse {
+                return reply(e.with_id(&req.id)).await;
+            }
+            let id = req.id.clone();
+            match dispatcher.submit(*req, received) {
+                Err(e) => {
+                    let _ = out.send(e.into()).await;
+                }
+                Ok(ticket) => {
+                    in_flight
+                        .by_id
+                        .lock()
+                        .unwrap()
+                        .insert(key, ticket.cancel_token());
+                    tokio::spawn(forward(ticket, id, in_flight.clone(), out.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Copies one request's replies to the connection's writer.
+async fn forward(mut ticket: Ticket, id: Id, in_flight: Arc<InFlight>, out: mpsc::Sender<Reply>) {
+    while let Some(reply) = ticket.replies.recv().await {
+        let terminal = reply.is_terminal();
+        if out.send(reply).await.is_err() {
+            ticket.cancel();
+        }
+        if terminal {
+            break;
+        }
+    }
+    in_flight.remove(&id);
+}

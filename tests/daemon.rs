@@ -1,0 +1,379 @@
+//! `bitnetd run` end to end over its Unix socket, with the shipped default model: streaming, several requests
+//! per connection, the queue limit, cancellation, bad input, stale sockets, and shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::{Client, Daemon};
+use serde_json::{json, Value};
+
+/// Sampling that runs to `max_tokens` on the default model (near-uniform at this temperature; checked below).
+fn long(id: &str, max_tokens: usize) -> Value {
+    json!({"id": id, "prompt": "The", "max_tokens": max_tokens, "temperature": 20.0, "seed": 1,
+           "repetition_penalty": 1.0})
+}
+
+#[test]
+fn streams_tokens_then_one_done_with_usage_and_timing() {
+    let d = Daemon::start("");
+    let mut c = d.connect();
+    let q = json!({"id": "s1", "messages": [{"role": "user", "content": "What is a dog?"}], "max_tokens": 40});
+    c.send(&q);
+    let (tokens, done) = c.finish(&json!("s1"));
+    assert_eq!(done["type"], "done", "{done}");
+    assert!(!tokens.is_empty());
+    assert_eq!(done["route"], "local");
+    assert_eq!(done["model"], "bitnet-b1.58-wordnet-5m");
+    assert!(
+        done.get("text").is_none(),
+        "streamed answers carry no text in done"
+    );
+    let n = done["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=40).contains(&n));
+    assert!(done["usage"]["prompt_tokens"].as_u64().unwrap() > 3);
+    let t = &done["timing"];
+    let (queue, ttft, total) = (
+        t["queue_ms"].as_f64().unwrap(),
+        t["ttft_ms"].as_f64().unwrap(),
+        t["total_ms"].as_f64().unwrap(),
+    );
+    assert!(queue >= 0.0 && queue <= ttft && ttft <= total, "{t}");
+    assert!(["stop", "length"].contains(&done["finish_reason"].as_str().unwrap()));
+
+    // The same request without streaming gives the same text in one reply (greedy by default).
+    let mut q2 = q.clone();
+    q2["id"] = json!("s2");
+    q2["stream"] = json!(false);
+    c.send(&q2);
+    let (none, done2) = c.finish(&json!("s2"));
+    assert!(none.is_empty());
+    assert_eq!(done2["text"].as_str().unwrap(), tokens.concat());
+    assert!(
+        tokens.concat().split_whitespace().count() >= 2,
+        "an English answer: {tokens:?}"
+    );
+}
+
+#[test]
+fn several_requests_in_flight_on_one_connection_are_told_apart_by_id() {
+    let d = Daemon::start("[engine]\nslots = 2\nqueue = 4\n");
+    let mut c = d.connect();
+    let ids = [json!("a"), json!(2), json!("c")];
+    let mut batch = String::new();
+    for id in &ids {
+        batch += &format!(
+            "{}\n",
+            json!({"id": id, "prompt": "A cat is", "max_tokens": 12})
+        );
+    }
+    c.send_raw(batch.as_bytes());
+    let mut terminal: HashMap<String, Value> = HashMap::new();
+    while terminal.len() < ids.len() {
+        let r = c.recv();
+        assert!(ids.contains(&r["id"]), "{r}");
+        if r["type"] != "token" {
+            assert!(
+                terminal.insert(r["id"].to_string(), r.clone()).is_none(),
+                "two terminal lines for {}",
+                r["id"]
+            );
+        }
+    }
+    for r in terminal.values() {
+        assert_eq!(r["type"], "done", "{r}");
+    }
+    let s = c.status();
+    assert_eq!(s["requests"]["served"], 3);
+    assert_eq!(s["requests"]["in_flight"], 0);
+    assert_eq!(s["engine"]["slots"], 2);
+}
+
+#[test]
+fn beyond_the_queue_requests_get_busy_at_once_and_none_is_lost() {
+    let d = Daemon::start("[engine]\nslots = 1\nqueue = 1\n");
+    let mut c = d.connect();
+    let n = 8;
+    let mut batch = String::new();
+    for i in 0..n {
+        batch += &format!("{}\n", long(&format!("r{i}"), 60));
+    }
+    let sent = Instant::now();
+    c.send_raw(batch.as_bytes());
+    let (mut done, mut busy) = (0, 0);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < n {
+        let r = c.recv();
+        match r["type"].as_str().unwrap() {
+            "token" => {}
+            "done" => {
+                done += 1;
+                assert!(seen.insert(r["id"].to_string()));
+            }
+            "error" => {
+                assert_eq!(r["code"], "busy", "{r}");
+                assert!(r["retry_after_ms"].as_u64().is_some());
+                assert!(
+                    sent.elapsed() < Duration::from_secs(5),
+                    "busy must be immediate"
+                );
+                busy += 1;
+                assert!(seen.insert(r["id"].to_string()));
+            }
+            other => panic!("{other}: {r}"),
+        }
+    }
+    assert!(busy >= 1, "a full queue answers busy");
+    assert!(done >= 2, "the running and the queued request are served");
+    assert_eq!(done + busy, n);
+    let s = c.status();
+    assert_eq!(s["requests"]["served"], done);
+    assert_eq!(s["requests"]["rejected"], busy);
+}
+
+#[test]
+fn long_request_really_is_long() {
+    // Guards the premise of the cancellation tests: `long` runs to max_tokens.
+    let d = Daemon::start("");
+    let mut c = d.connect();
+    c.send(&long("l", 300));
+    let (_, done) = c.finish(&json!("l"));
+    assert_eq!(done["finish_reason"], "length", "{done}");
+}
+
+#[test]
+fn cancel_stops_generation_and_still_answers_once() {
+    let d = Daemon::start("");
+    let mut c = d.connect();
+    c.send(&long("x", 1000));
+    let first = c.recv();
+    assert_eq!(first["type"], "token", "{first}");
+    c.send(&json!({"id": "x", "cancel": true}));
+    let (tokens, done) = c.finish(&json!("x"));
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["finish_reason"], "cancelled");
+    let n = done["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n < 200, "stopped early: {n} tokens");
+    assert!(tokens.len() as u64 + 1 >= n.saturating_sub(1));
+    // Cancelling what is no longer in flight is harmless, and the connection goes on.
+    c.send(&json!({"id": "x", "cancel": true}));
+    c.send(&json!({"id": "y", "prompt": "A dog is", "max_tokens": 3}));
+    let (_, d2) = c.finish(&json!("y"));
+    assert_eq!(d2["type"], "done");
+}
+
+#[test]
+fn closing_the_connection_cancels_its_requests() {
+    let d = Daemon::start("");
+    let mut c = d.connect();
+    c.send(&long("gone", 1000));
+    assert_eq!(c.recv()["type"], "token");
+    drop(c);
+    let mut watcher = d.connect();
+    let start = Instant::now();
+    loop {
+        let s = watcher.status();
+        if s["requests"]["in_flight"] == 0 {
+            let generated = s["requests"]["tokens_generated"].as_u64().unwrap();
+            assert!(
+                generated < 200,
+                "generation stopped soon after the close: {generated} tokens"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "request still running: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_input_gets_an_error_line_and_the_connection_stays_usable() {
+    let d = Daemon::start("[socket]\nmax_line_bytes = 65536\n");
+    let mut c = d.connect();
+    let cases: Vec<(Vec<u8>, &str, Value)> = vec![
+        (b"{this is not json\n".to_vec(), "bad_request", Value::Null),
+        (b"[1, 2, 3]\n".to_vec(), "bad_request", Value::Null),
+        (
+            br#"{"id":"u","prompt":"hi","colour":"red"}"#.to_vec(),
+            "bad_request",
+            json!("u"),
+        ),
+        (
+            br#"{"id":"t","prompt":42}"#.to_vec(),
+            "bad_request",
+            json!("t"),
+        ),
+        (br#"{"id":"m"}"#.to_vec(), "bad_request", json!("m")),
+        (
+            br#"{"prompt":"no id"}"#.to_vec(),
+            "bad_request",
+            Value::Null,
+        ),
+        (
+            br#"{"id":"r","prompt":"hi","route":"mars"}"#.to_vec(),
+            "bad_request",
+            json!("r"),
+        ),
+        (
+            br#"{"id":"p","prompt":"hi","top_p":0}"#.to_vec(),
+            "bad_request",
+            json!("p"),
+        ),
+        (
+            br#"{"id":"e","messages":[]}"#.to_vec(),
+            "bad_request",
+            json!("e"),
+        ),
+        (
+            br#"{"id":"f","messages":[{"role":"user"}]}"#.to_vec(),
+            "bad_request",
+            json!("f"),
+        ),
+        (
+            br#"{"id":"c","prompt":"hi","route":"cloud"}"#.to_vec(),
+            "cloud_unavailable",
+            json!("c"),
+        ),
+        (
+            br#"{"id":"dl","prompt":"hi","deadline_ms":0}"#.to_vec(),
+            "bad_request",
+            json!("dl"),
+        ),
+        (vec![b'x'; 100_000], "too_large", Value::Null),
+        (b"\xff\xfe\xfd".to_vec(), "bad_request", Value::Null),
+    ];
+    for (mut line, code, id) in cases {
+        line.push(b'\n');
+        c.send_raw(&line);
+        let r = c.recv();
+        assert_eq!(r["type"], "error", "{r}");
+        assert_eq!(r["code"], code, "{}: {r}", String::from_utf8_lossy(&line));
+        assert_eq!(r["id"], id, "{r}");
+        assert!(!r["message"].as_str().unwrap().is_empty());
+    }
+    // A prompt longer than the context (1024 tokens).
+    let huge = "word ".repeat(3000);
+    c.send(&json!({"id": "big", "prompt": huge}));
+    let r = c.recv();
+    assert_eq!(
+        (r["code"].as_str(), r["id"].as_str()),
+        (Some("too_long"), Some("big")),
+        "{r}"
+    );
+    // Empty lines are ignored; the connection still serves.
+    c.send_raw(b"\n\n");
+    c.send(&json!({"id": "ok", "prompt": "A dog is", "max_tokens": 3}));
+    let (_, done) = c.finish(&json!("ok"));
+    assert_eq!(done["type"], "done");
+    let s = c.status();
+    assert_eq!(s["requests"]["served"], 1);
+    assert!(s["requests"]["rejected"].as_u64().unwrap() >= 8);
+}
+
+#[test]
+fn a_duplicate_id_in_flight_is_refused_without_disturbing_the_first() {
+    let d = Daemon::start("");
+    let mut c = d.connect();
+    c.send(&long("dup", 100));
+    c.send(&long("dup", 100));
+    let mut errors = 0;
+    let done = loop {
+        let r = c.recv();
+        match r["type"].as_str().unwrap() {
+            "error" => {
+                errors += 1;
+                assert!(r["message"].as_str().unwrap().contains("in flight"), "{r}");
+            }
+            "done" => break r,
+            _ => {}
+        }
+    };
+    assert_eq!(errors, 1);
+    assert_eq!(done["finish_reason"], "length");
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced_and_removed_on_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists(), "a socket file left behind, as after a crash");
+    let mut d = Daemon::spawn("", |c| {
+        c.env("BITNETD_SOCKET", &path);
+    });
+    d.wait_for_path(&path);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let mut c = Client::connect(&path);
+    assert_eq!(c.status()["state"], "ready");
+    assert!(d.terminate().success(), "{}", d.log());
+    assert!(!path.exists(), "socket removed on exit");
+    assert!(d.log().contains("stale"), "{}", d.log());
+}
+
+#[test]
+fn a_live_socket_or_a_plain_file_is_never_taken_over() {
+    let first = Daemon::start("");
+    let mut second = Daemon::spawn("", |c| {
+        c.env("BITNETD_SOCKET", &first.socket);
+    });
+    assert!(!second.wait().success());
+    assert!(second.log().contains("already running"), "{}", second.log());
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let mut third = Daemon::spawn("", |c| {
+        c.env("BITNETD_SOCKET", &file);
+    });
+    assert!(!third.wait().success());
+    assert!(third.log().contains("not a socket"), "{}", third.log());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+#[test]
+fn sigterm_during_generation_answers_every_request_then_exits() {
+    // No drain time: what runs at SIGTERM is cancelled, and still answered.
+    let mut d = Daemon::start("[engine]\ndrain_timeout_secs = 0\nqueue = 4\n");
+    let mut c = d.connect();
+    c.send(&long("run", 1000));
+    c.send(&long("wait", 1000));
+    assert_eq!(c.recv()["type"], "token");
+    d.signal(libc::SIGTERM);
+    let mut terminal = HashMap::new();
+    while let Some(r) = c.try_recv() {
+        if r["type"] != "token" {
+            assert!(terminal
+                .insert(r["id"].as_str().unwrap().to_string(), r.clone())
+                .is_none());
+        }
+    }
+    assert_eq!(terminal.len(), 2, "{terminal:?}");
+    assert_eq!(terminal["run"]["finish_reason"], "cancelled");
+    assert_eq!(terminal["wait"]["finish_reason"], "cancelled");
+    assert!(d.wait().success(), "{}", d.log());
+    assert!(!d.socket.exists());
+}
+
+#[test]
+fn sigterm_lets_running_work_finish_within_the_drain_time() {
+    let mut d = Daemon::start("");
+    let mut c = d.connect();
+    c.send(
+        &json!({"id": "w", "prompt": "The", "max_tokens": 80, "temperature": 20.0, "seed": 1,
+                   "repetition_penalty": 1.0, "stream": false}),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    d.signal(libc::SIGTERM);
+    let (_, done) = c.finish(&json!("w"));
+    assert_eq!(
+        done["finish_reason"], "length",
+        "drained, not cancelled: {done}"
+    );
+    assert!(d.wait().success());
+}
