@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use std::time::Duration;
 
@@ -140,8 +141,19 @@ struct GenerateArgs {
     json: bool,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Under systemd, stderr goes to the journal too.
+            eprintln!("bitnetd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
     let env = Env::from_process();
     match cli.command {
         Command::Run { config } => {
