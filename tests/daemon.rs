@@ -167,28 +167,45 @@ fn cancel_stops_generation_and_still_answers_once() {
 #[test]
 fn closing_the_connection_cancels_its_requests() {
     let d = Daemon::start("");
-    let mut c = d.connect();
-    c.send(&long("gone", 1000));
-    assert_eq!(c.recv()["type"], "token");
-    drop(c);
     let mut watcher = d.connect();
-    let start = Instant::now();
-    loop {
-        let s = watcher.status();
-        if s["requests"]["in_flight"] == 0 {
-            let generated = s["requests"]["tokens_generated"].as_u64().unwrap();
-            assert!(
-                generated < 200,
-                "generation stopped soon after the close: {generated} tokens"
-            );
-            break;
+    let mut generated_before = 0;
+    for stream in [true, false] {
+        let mut c = d.connect();
+        let mut q = long("gone", 1000);
+        q["stream"] = json!(stream);
+        c.send(&q);
+        if stream {
+            assert_eq!(c.recv()["type"], "token");
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "request still running: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        drop(c);
+        let start = Instant::now();
+        loop {
+            let s = watcher.status();
+            if s["requests"]["in_flight"] == 0 {
+                let generated = s["requests"]["tokens_generated"].as_u64().unwrap() - generated_before;
+                assert!(generated < 200, "stream {stream}: stopped soon after the close: {generated} tokens");
+                generated_before += generated;
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "request still running: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
+}
+
+#[test]
+fn a_half_closed_connection_still_gets_its_answers_then_is_closed() {
+    let d = Daemon::start("");
+    let mut c = d.connect();
+    c.send(&json!({"id": "h", "prompt": "A dog is", "max_tokens": 30}));
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let (tokens, done) = c.finish(&json!("h"));
+    assert_eq!(done["type"], "done", "{done}");
+    assert_ne!(done["finish_reason"], "cancelled");
+    assert!(!tokens.is_empty());
+    assert!(c.try_recv().is_none(), "closed once everything is answered");
 }
 
 #[test]
@@ -376,4 +393,53 @@ fn sigterm_lets_running_work_finish_within_the_drain_time() {
         "drained, not cancelled: {done}"
     );
     assert!(d.wait().success());
+}
+
+#[test]
+fn deadlines_refuse_late_starts_and_cut_long_runs() {
+    let d = Daemon::start("[engine]\nqueue = 4\n");
+    let mut c = d.connect();
+    c.send(&long("busy", 300));
+    let mut late = long("late", 5);
+    late["deadline_ms"] = json!(50);
+    c.send(&late);
+    let mut terminal = HashMap::new();
+    while terminal.len() < 2 {
+        let r = c.recv();
+        if r["type"] != "token" {
+            terminal.insert(r["id"].as_str().unwrap().to_string(), r);
+        }
+    }
+    let r = &terminal["late"];
+    assert_eq!((r["type"].as_str(), r["code"].as_str()), (Some("error"), Some("deadline")), "{r}");
+    assert_eq!(terminal["busy"]["finish_reason"], "length");
+
+    let mut cut = long("cut", 1000);
+    cut["deadline_ms"] = json!(400);
+    c.send(&cut);
+    let (tokens, r) = c.finish(&json!("cut"));
+    assert_eq!(r["finish_reason"], "budget", "{r}");
+    assert!(!tokens.is_empty());
+    assert!(r["timing"]["total_ms"].as_f64().unwrap() < 2000.0, "{r}");
+}
+
+#[test]
+fn the_socket_gets_the_configured_group() {
+    // Root may give the socket any group; others only their own.
+    let (name, gid) = if unsafe { libc::geteuid() } == 0 {
+        ("daemon".to_string(), 1)
+    } else {
+        let gid = unsafe { libc::getegid() };
+        let out = std::process::Command::new("id").arg("-gn").output().unwrap();
+        (String::from_utf8(out.stdout).unwrap().trim().to_string(), gid)
+    };
+    let d = Daemon::start(&format!("[socket]\ngroup = \"{name}\"\nmode = 0o600\n"));
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.gid(), gid);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let mut bad = Daemon::spawn("[socket]\ngroup = \"no-such-group-here\"\n", |_| {});
+    assert!(!bad.wait().success());
+    assert!(bad.log().contains("no-such-group-here"), "{}", bad.log());
 }

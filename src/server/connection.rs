@@ -1,13 +1,14 @@
 //! One client connection: reads request lines, hands them to the dispatcher, and writes every reply as one
 //! line. Several requests may be in flight, told apart by `id`. Bad input gets an `error` line and the
-//! connection stays usable. End of stream, a failed write, or shutdown after the last answer ends it; when the
-//! client goes away its requests are cancelled.
+//! connection stays usable. After the client's end of stream the connection answers what is in flight and then
+//! closes; when the client is gone entirely (hang-up, failed write) its requests are cancelled.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -68,6 +69,9 @@ impl InFlight {
     }
 }
 
+/// How often a half-closed connection is checked for the client having gone entirely.
+const HANGUP_POLL: Duration = Duration::from_millis(20);
+
 /// Serves `stream` until the client leaves, or until `shutdown` and every accepted request is answered.
 pub async fn serve(
     stream: UnixStream,
@@ -92,28 +96,43 @@ pub async fn serve(
     };
     let in_flight = Arc::new(InFlight::default());
     let mut reader = LineReader::new(rd, limits.max_line_bytes);
-    let mut eof = false;
-    loop {
+    // Reading: until end of stream, the client going away, or shutdown with nothing left in flight.
+    let mut reading = true;
+    while reading {
         tokio::select! {
-            line = reader.next(), if !eof => match line {
+            line = reader.next() => match line {
                 Ok(Some(line)) => handle(line, &dispatcher, &in_flight, &out, limits).await,
-                Ok(None) | Err(_) => {
-                    eof = true;
-                    in_flight.cancel_all();
-                }
+                Ok(None) | Err(_) => reading = false,
             },
-            _ = gone.cancelled() => {
-                in_flight.cancel_all();
-                break;
-            }
-            _ = in_flight.empty(), if eof || shutdown.is_cancelled() => break,
+            _ = gone.cancelled() => break,
+            _ = in_flight.empty(), if shutdown.is_cancelled() => break,
             _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
         }
     }
+    // End of stream may be a half-close (the client still reads its answers) or a full close: answer what is in
+    // flight unless the client has hung up entirely or a write fails.
+    if !reading {
+        tokio::select! {
+            _ = in_flight.empty() => {}
+            _ = hung_up(reader.get_ref()) => {}
+            _ = gone.cancelled() => {}
+        }
+    }
+    in_flight.cancel_all();
     // Wait for the pumps to deliver the terminal replies of cancelled requests, then let the writer finish.
     in_flight.empty().await;
     drop(out);
     let _ = writer.await;
+}
+
+/// Resolves once the peer has closed its end completely (not just its writing side).
+async fn hung_up(rd: &OwnedReadHalf) {
+    loop {
+        match rd.ready(Interest::WRITABLE).await {
+            Ok(r) if !r.is_write_closed() => tokio::time::sleep(HANGUP_POLL).await,
+            _ => return,
+        }
+    }
 }
 
 async fn handle(

@@ -34,6 +34,11 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         }
     }
 
+    /// The underlying reader.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     /// The next line; `Ok(None)` at end of stream. Cancel-safe: no data is lost if the future is dropped.
     pub async fn next(&mut self) -> std::io::Result<Option<Line>> {
         loop {
