@@ -37,6 +37,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     log::info!(model = meta.name.as_str(), path:? = dir, threads = config.model.threads,
         estimate_bytes = estimate.total(); "loading model");
     notify.status(&format!("loading model {}", meta.name));
+    let rss_before_model = crate::budget::process_rss_bytes();
 
     let Some(model) = load(&config, &notify, &shutdown).await? else {
         notify.stopping("stopped while loading");
@@ -56,6 +57,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             default_deadline: config.budget.default_deadline,
             stall_limit: config.engine.stall_limit,
             memory_budget: config.budget.memory_bytes,
+            rss_before_model,
         },
     );
 

@@ -29,6 +29,8 @@ pub struct DispatchOptions {
     pub stall_limit: Duration,
     /// The memory budget, reported in `status`.
     pub memory_budget: u64,
+    /// Resident size before the model was loaded, reported in `status`.
+    pub rss_before_model: Option<u64>,
 }
 
 /// An accepted request: its replies (tokens, then exactly one `done` or `error`) and a way to cancel it.
@@ -115,6 +117,8 @@ pub struct RequestCounts {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryStatus {
     pub rss_bytes: Option<u64>,
+    /// Resident size just before the model was loaded: the daemon's own baseline.
+    pub rss_before_model_bytes: Option<u64>,
     pub budget_bytes: u64,
 }
 
@@ -320,6 +324,7 @@ impl Dispatcher {
             ttft_ms: c.ttft_ms.map(|v| (v * 10.0).round() / 10.0),
             memory: MemoryStatus {
                 rss_bytes: crate::budget::process_rss_bytes(),
+                rss_before_model_bytes: self.opts.rss_before_model,
                 budget_bytes: self.opts.memory_budget,
             },
         }

@@ -184,12 +184,19 @@ fn closing_the_connection_cancels_its_requests() {
         loop {
             let s = watcher.status();
             if s["requests"]["in_flight"] == 0 {
-                let generated = s["requests"]["tokens_generated"].as_u64().unwrap() - generated_before;
-                assert!(generated < 200, "stream {stream}: stopped soon after the close: {generated} tokens");
+                let generated =
+                    s["requests"]["tokens_generated"].as_u64().unwrap() - generated_before;
+                assert!(
+                    generated < 200,
+                    "stream {stream}: stopped soon after the close: {generated} tokens"
+                );
                 generated_before += generated;
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "request still running: {s}");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "request still running: {s}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -411,7 +418,11 @@ fn deadlines_refuse_late_starts_and_cut_long_runs() {
         }
     }
     let r = &terminal["late"];
-    assert_eq!((r["type"].as_str(), r["code"].as_str()), (Some("error"), Some("deadline")), "{r}");
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("deadline")),
+        "{r}"
+    );
     assert_eq!(terminal["busy"]["finish_reason"], "length");
 
     let mut cut = long("cut", 1000);
@@ -430,8 +441,14 @@ fn the_socket_gets_the_configured_group() {
         ("daemon".to_string(), 1)
     } else {
         let gid = unsafe { libc::getegid() };
-        let out = std::process::Command::new("id").arg("-gn").output().unwrap();
-        (String::from_utf8(out.stdout).unwrap().trim().to_string(), gid)
+        let out = std::process::Command::new("id")
+            .arg("-gn")
+            .output()
+            .unwrap();
+        (
+            String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            gid,
+        )
     };
     let d = Daemon::start(&format!("[socket]\ngroup = \"{name}\"\nmode = 0o600\n"));
     let meta = std::fs::metadata(&d.socket).unwrap();

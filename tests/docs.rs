@@ -8,7 +8,8 @@ use common::Daemon;
 
 /// The fenced code blocks of `lang` in docs/protocol.md.
 fn blocks(lang: &str) -> Vec<String> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md")).unwrap();
     let fence = format!("```{lang}\n");
     doc.split(&fence)
         .skip(1)
@@ -38,7 +39,11 @@ fn the_python_example_streams_an_answer() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains(" tokens]"), "{stdout}");
     assert!(stdout.split_whitespace().count() > 3, "{stdout}");
 }
@@ -56,7 +61,11 @@ fn the_socat_example_gets_one_done_line() {
         .env("BITNETD_SOCKET", &d.socket)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["type"], "done", "{reply}");
     assert!(!reply["text"].as_str().unwrap().is_empty());
@@ -65,7 +74,8 @@ fn the_socat_example_gets_one_done_line() {
 #[test]
 fn the_documented_json_examples_parse() {
     for block in blocks("json") {
-        let v: serde_json::Value = serde_json::from_str(&block).unwrap_or_else(|e| panic!("{e}: {block}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&block).unwrap_or_else(|e| panic!("{e}: {block}"));
         assert!(v.is_object());
     }
 }

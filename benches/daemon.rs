@@ -1,0 +1,131 @@
+//! Daemon overhead benchmark: starts `bitnetd run` (release build) on the default model and measures what the
+//! daemon adds around inference, printing one line of JSON and human lines:
+//! - the round trip of `{"cmd":"status"}` and of a request refused at validation (no inference at all);
+//! - for a one-token request, the client's round trip minus the daemon's own `timing.total_ms` (socket, JSON,
+//!   dispatch and queue hand-off);
+//! - idle resident size before the model is loaded and after, as the daemon reports it.
+//!
+//!   cargo bench --bench daemon -- [--model DIR] [--runs 2000]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Conn {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Conn {
+    fn ask(&mut self, v: &Value) -> Value {
+        writeln!(self.w, "{v}").unwrap();
+        loop {
+            let mut line = String::new();
+            self.r.read_line(&mut line).unwrap();
+            let reply: Value = serde_json::from_str(&line).unwrap();
+            if reply["type"] != "token" {
+                return reply;
+            }
+        }
+    }
+}
+
+fn percentiles(mut us: Vec<f64>) -> (f64, f64) {
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| us[((us.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.99))
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut model, mut runs) = (None, 2000usize);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--model" => model = args.next(),
+            "--runs" => runs = args.next().unwrap().parse().unwrap(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bench.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bitnetd"));
+    cmd.arg("run")
+        .env("BITNETD_SOCKET", &socket)
+        .env("BITNETD_LOG", "warn")
+        .env_remove("BITNETD_CONFIG")
+        .stderr(Stdio::inherit());
+    if let Some(m) = &model {
+        cmd.env("BITNETD_MODEL", m);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(&socket) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut c = Conn {
+        r: BufReader::new(stream.try_clone().unwrap()),
+        w: stream,
+    };
+    let idle = c.ask(&json!({"cmd": "status"}));
+
+    let time = |c: &mut Conn, v: &Value| {
+        let t = Instant::now();
+        let r = c.ask(v);
+        (t.elapsed().as_secs_f64() * 1e6, r)
+    };
+    let status_us: Vec<f64> = (0..runs)
+        .map(|_| time(&mut c, &json!({"cmd": "status"})).0)
+        .collect();
+    let refused_us: Vec<f64> = (0..runs)
+        .map(|i| time(&mut c, &json!({"id": i, "prompt": "x", "top_p": 0})).0)
+        .collect();
+    let one_token = runs.min(500);
+    let mut wrapper_us = vec![];
+    for i in 0..one_token {
+        let q = json!({"id": i, "prompt": "A dog is", "max_tokens": 1, "stream": false});
+        let (rtt, r) = time(&mut c, &q);
+        assert_eq!(r["type"], "done", "{r}");
+        wrapper_us.push(rtt - r["timing"]["total_ms"].as_f64().unwrap() * 1e3);
+    }
+    let busy = c.ask(&json!({"cmd": "status"}));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+
+    let (s50, s99) = percentiles(status_us);
+    let (r50, r99) = percentiles(refused_us);
+    let (w50, w99) = percentiles(wrapper_us);
+    let mib = |v: &Value| v.as_f64().unwrap_or(f64::NAN) / (1u64 << 20) as f64;
+    let out = json!({
+        "model": idle["model"],
+        "status_rtt_us": {"p50": s50, "p99": s99},
+        "refused_rtt_us": {"p50": r50, "p99": r99},
+        "one_token_overhead_us": {"p50": w50, "p99": w99},
+        "rss_before_model_mib": mib(&idle["memory"]["rss_before_model_bytes"]),
+        "rss_idle_with_model_mib": mib(&idle["memory"]["rss_bytes"]),
+        "rss_after_requests_mib": mib(&busy["memory"]["rss_bytes"]),
+        "runs": runs,
+    });
+    println!("{out}");
+    println!(
+        "status round trip p50 {s50:.0} us (p99 {s99:.0}); refused request p50 {r50:.0} us (p99 {r99:.0}); \
+         daemon overhead around a 1-token request p50 {w50:.0} us (p99 {w99:.0})"
+    );
+    println!(
+        "RSS: {:.1} MiB before the model, {:.1} MiB idle with it, {:.1} MiB after {} requests",
+        mib(&idle["memory"]["rss_before_model_bytes"]),
+        mib(&idle["memory"]["rss_bytes"]),
+        mib(&busy["memory"]["rss_bytes"]),
+        2 * runs + one_token
+    );
+}
