@@ -311,3 +311,27 @@ impl Observer for JobObserver<'_> {
         ControlFlow::Continue(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(slots_alive: usize, stall_ms: u64) -> EngineHealth {
+        EngineHealth {
+            slots: 2,
+            slots_alive,
+            running: 1,
+            waiting: 0,
+            longest_stall: Duration::from_millis(stall_ms),
+        }
+    }
+
+    #[test]
+    fn the_engine_is_alive_only_with_every_slot_running_and_none_stuck() {
+        let limit = Duration::from_secs(120);
+        assert!(health(2, 0).is_alive(limit));
+        assert!(health(2, 119_999).is_alive(limit));
+        assert!(!health(2, 120_000).is_alive(limit), "a stuck slot");
+        assert!(!health(1, 0).is_alive(limit), "a dead slot thread");
+    }
+}
