@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ConfigError};
 use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::engine::{Engine, EngineError, EngineOptions, LoadOptions, Model};
+use crate::mqtt::{Mqtt, MqttError};
 use crate::server::{self, ConnectionLimits, Listener, ServerError};
 use crate::systemd::{self, Notifier, START_EXTENSION};
 
@@ -23,6 +24,8 @@ pub enum DaemonError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
     /// The model is missing or does not fit the budget.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -84,6 +87,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             stop_accepting.clone(),
             tracker.clone(),
         ));
+    }
+    if let Some(m) = config.mqtt.clone() {
+        let broker = format!("MQTT {}:{} ({})", m.host, m.port, m.request_topic());
+        let mqtt = Mqtt::new(m, dispatcher.clone())?;
+        tracker.spawn(mqtt.run(stop_accepting.clone()));
+        where_ = format!("{where_} and {broker}");
     }
     let ready = format!("serving {} on {where_}", meta.name);
     log::info!(model = meta.name.as_str(), socket = where_.as_str(); "ready");

@@ -33,6 +33,28 @@ pub struct DispatchOptions {
     pub rss_before_model: Option<u64>,
 }
 
+/// Where and when a request came in.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    /// The source, for logs: `socket`, `mqtt`.
+    pub source: &'static str,
+    /// When the message arrived; `deadline_ms` counts from here.
+    pub received: Instant,
+    /// Not started by then, it is not run (MQTT Message Expiry).
+    pub start_by: Option<Instant>,
+}
+
+impl Origin {
+    /// A request from `source` that arrived now.
+    pub fn now(source: &'static str) -> Origin {
+        Origin {
+            source,
+            received: Instant::now(),
+            start_by: None,
+        }
+    }
+}
+
 /// An accepted request: its replies (tokens, then exactly one `done` or `error`) and a way to cancel it.
 /// Dropping the receiver cancels the request too.
 pub struct Ticket {
@@ -148,16 +170,17 @@ impl Dispatcher {
         })
     }
 
-    /// Accepts `req` (received at `received`) or refuses it with the reason. Must be called on a tokio runtime.
-    pub fn submit(self: &Arc<Self>, req: Request, received: Instant) -> Result<Ticket, WireError> {
-        let r = self.accept(&req, received);
+    /// Accepts `req` or refuses it with the reason. Must be called on a tokio runtime.
+    pub fn submit(self: &Arc<Self>, req: Request, origin: Origin) -> Result<Ticket, WireError> {
+        let r = self.accept(&req, origin);
         if r.is_err() {
             self.counters.lock().unwrap().rejected += 1;
         }
         r.map_err(|e| e.with_id(&req.id))
     }
 
-    fn accept(self: &Arc<Self>, req: &Request, received: Instant) -> Result<Ticket, WireError> {
+    fn accept(self: &Arc<Self>, req: &Request, origin: Origin) -> Result<Ticket, WireError> {
+        let received = origin.received;
         if self.draining.load(Ordering::SeqCst) {
             return Err(WireError::new(
                 ErrorCode::ShuttingDown,
@@ -202,13 +225,20 @@ impl Dispatcher {
             .map(|d| received + d);
         let prompt_tokens = validated.prompt_ids().len();
         let job = backend
-            .submit(validated, JobOptions { deadline })
+            .submit(
+                validated,
+                JobOptions {
+                    deadline,
+                    start_by: origin.start_by,
+                },
+            )
             .map_err(|e| WireError::from(&e))?;
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let cancel = job.cancel.clone();
         self.in_flight.lock().unwrap().insert(seq, cancel.clone());
         self.counters.lock().unwrap().accepted += 1;
-        log::info!(id:% = req.id, route = "local", prompt_tokens, stream = req.stream; "request accepted");
+        log::info!(id:% = req.id, source = origin.source, route = "local", prompt_tokens, stream = req.stream;
+            "request accepted");
         if let Some(p) = &req.prompt {
             log::trace!(id:% = req.id; "prompt: {p:?}");
         }

@@ -13,6 +13,7 @@
 //! - [`router`]: where a request runs, as a pure function.
 //! - [`dispatch`]: from parsed requests to engine jobs and replies; status counters; draining.
 //! - [`server`]: the Unix socket API (listener, connections, line reading).
+//! - [`mqtt`]: the MQTT interface (network loop, and the pure addressing/dedup/backoff rules).
 //! - [`budget`]: memory estimates and the process's resident size.
 //! - [`systemd`]: readiness, status, watchdog; [`logging`]: journald or stderr.
 //! - [`client`]: the blocking clients behind `bitnetd ask` and `bitnetd status`.
@@ -28,6 +29,7 @@ pub mod export;
 pub mod hf;
 pub mod logging;
 pub mod meta;
+pub mod mqtt;
 pub mod onnx;
 pub mod protocol;
 pub mod router;

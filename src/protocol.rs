@@ -118,8 +118,17 @@ struct CommandMsg {
 /// Parses one message (a line of the socket protocol, an MQTT payload). A failure carries the id when the
 /// message had a usable one, so that the error reply can be matched to the request.
 pub fn parse(bytes: &[u8]) -> Result<Incoming, WireError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("malformed JSON: {e}")))?;
+    parse_value(parse_json(bytes)?)
+}
+
+/// Reads bytes as JSON (any value).
+pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, WireError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("malformed JSON: {e}")))
+}
+
+/// Like [`parse`], for a value already read as JSON.
+pub fn parse_value(value: serde_json::Value) -> Result<Incoming, WireError> {
     let obj = value
         .as_object()
         .ok_or_else(|| WireError::new(ErrorCode::BadRequest, "expected a JSON object"))?;
@@ -198,6 +207,8 @@ pub enum ErrorCode {
     OverBudget,
     /// The deadline passed before the request could run.
     Deadline,
+    /// The message expired (MQTT Message Expiry) before the request could run.
+    Expired,
     /// The request must go to the cloud, which is off or unreachable.
     CloudUnavailable,
     /// The daemon is stopping and takes no new work.
@@ -244,6 +255,7 @@ impl From<&EngineError> for WireError {
             EngineError::PromptTooLong { .. } => ErrorCode::TooLong,
             EngineError::Busy { .. } => ErrorCode::Busy,
             EngineError::DeadlineExceeded { .. } => ErrorCode::Deadline,
+            EngineError::Expired { .. } => ErrorCode::Expired,
             EngineError::ShutDown => ErrorCode::ShuttingDown,
             EngineError::Load { .. } | EngineError::Inference(_) => ErrorCode::Internal,
         };

@@ -14,6 +14,8 @@ pub struct RawConfig {
     pub socket: RawSocket,
     pub budget: RawBudget,
     pub logging: RawLogging,
+    /// Present (even empty) turns MQTT on.
+    pub mqtt: Option<RawMqtt>,
 }
 
 /// `[model]`: which model, and how many threads run it.
@@ -118,6 +120,60 @@ impl Default for RawLogging {
         RawLogging {
             level: "info".into(),
             target: "auto".into(),
+        }
+    }
+}
+
+/// `[mqtt]`: requests from devices through a broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMqtt {
+    pub host: String,
+    /// `None`: 1883, or 8883 with TLS.
+    pub port: Option<u16>,
+    /// `None`: `bitnetd-<node>`.
+    pub client_id: Option<String>,
+    /// `None`: the host name.
+    pub node: Option<String>,
+    /// `None`: `bitnetd/<node>`.
+    pub topic_prefix: Option<String>,
+    pub keep_alive_secs: u64,
+    pub username: Option<String>,
+    /// Read at start; `$CREDENTIALS_DIRECTORY/mqtt-password` wins when present.
+    pub password_file: Option<PathBuf>,
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub shared_group: Option<String>,
+    pub max_payload_bytes: usize,
+    pub max_packet_bytes: usize,
+    pub max_in_flight: usize,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for RawMqtt {
+    fn default() -> Self {
+        RawMqtt {
+            host: "localhost".into(),
+            port: None,
+            client_id: None,
+            node: None,
+            topic_prefix: None,
+            keep_alive_secs: 30,
+            username: None,
+            password_file: None,
+            tls: false,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            shared_group: None,
+            max_payload_bytes: 256 << 10,
+            max_packet_bytes: 1 << 20,
+            max_in_flight: 32,
+            reconnect_min_ms: 250,
+            reconnect_max_ms: 30_000,
         }
     }
 }

@@ -196,3 +196,50 @@ fn log_filters_accept_levels_and_module_directives() {
     assert!(check_filter("inof").is_err());
     assert!(check_filter("bitnetd=lots").is_err());
 }
+
+#[test]
+fn mqtt_is_off_without_its_section_and_derives_names_from_the_node() {
+    assert!(Config::from_toml("", None, &env()).unwrap().mqtt.is_none());
+    let c = Config::from_toml("[mqtt]\nnode = \"pi-1\"\n", None, &env()).unwrap();
+    let m = c.mqtt.unwrap();
+    assert_eq!((m.host.as_str(), m.port), ("localhost", 1883));
+    assert_eq!(m.client_id, "bitnetd-pi-1");
+    assert_eq!(m.topic_prefix, "bitnetd/pi-1");
+    assert_eq!(m.request_filter(), "bitnetd/pi-1/request");
+    let c = Config::from_toml(
+        "[mqtt]\ntls = true\nshared_group = \"g\"\ntopic_prefix = \"fleet/ai\"\n",
+        None,
+        &env(),
+    )
+    .unwrap();
+    let m = c.mqtt.unwrap();
+    assert_eq!(m.port, 8883);
+    assert_eq!(m.request_filter(), "$share/g/fleet/ai/request");
+}
+
+#[test]
+fn bad_mqtt_values_are_named() {
+    for (text, key) in [
+        ("[mqtt]\ntopic_prefix = \"a/#\"\n", "mqtt.topic_prefix"),
+        ("[mqtt]\ntopic_prefix = \"a/\"\n", "mqtt.topic_prefix"),
+        ("[mqtt]\nshared_group = \"a/b\"\n", "mqtt.shared_group"),
+        ("[mqtt]\nport = 0\n", "mqtt.port"),
+        (
+            "[mqtt]\nclient_cert_file = \"/x.pem\"\n",
+            "mqtt.client_cert_file",
+        ),
+        (
+            "[mqtt]\nmax_payload_bytes = 2000000\n",
+            "mqtt.max_payload_bytes",
+        ),
+        ("[mqtt]\nmax_in_flight = 0\n", "mqtt.max_in_flight"),
+        (
+            "[mqtt]\nreconnect_min_ms = 5000\nreconnect_max_ms = 100\n",
+            "mqtt.reconnect_max_ms",
+        ),
+    ] {
+        let e = err(text);
+        assert_eq!(e.key(), Some(key), "{text}: {e}");
+        assert_eq!(e.line(), Some(2).max(e.line()), "{e}");
+    }
+}

@@ -18,6 +18,8 @@ pub enum EngineError {
     Busy { capacity: usize },
     #[error("the deadline passed after {} ms in the queue", waited.as_millis())]
     DeadlineExceeded { waited: std::time::Duration },
+    #[error("the request expired after {} ms in the queue", waited.as_millis())]
+    Expired { waited: std::time::Duration },
     #[error("the engine has shut down")]
     ShutDown,
     #[error("inference failed: {0}")]

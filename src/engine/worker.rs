@@ -50,6 +50,8 @@ pub struct JobOptions {
     /// A job still queued at its deadline fails with [`EngineError::DeadlineExceeded`]; a running one stops with
     /// [`FinishReason::Budget`].
     pub deadline: Option<Instant>,
+    /// A job still queued at this time fails with [`EngineError::Expired`] (MQTT message expiry).
+    pub start_by: Option<Instant>,
 }
 
 /// How the engine is laid out.
@@ -253,6 +255,8 @@ fn slot_loop(model: Arc<Model>, shared: Arc<Shared>, slot: usize) {
                 &job.req,
                 FinishReason::Cancelled,
             ))
+        } else if job.opts.start_by.is_some_and(|d| Instant::now() >= d) {
+            Err(EngineError::Expired { waited: queue_time })
         } else if job.opts.deadline.is_some_and(|d| Instant::now() >= d) {
             Err(EngineError::DeadlineExceeded { waited: queue_time })
         } else {

@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Dispatcher, Ticket};
+use crate::dispatch::{Dispatcher, Origin, Ticket};
 use crate::engine::CancelToken;
 use crate::protocol::{self, ErrorCode, Id, Incoming, Reply, WireError};
 
@@ -200,7 +200,13 @@ async fn handle(
                 return reply(e.with_id(&req.id)).await;
             }
             let id = req.id.clone();
-            match dispatcher.submit(*req, received) {
+            match dispatcher.submit(
+                *req,
+                Origin {
+                    received,
+                    ..Origin::now("socket")
+                },
+            ) {
                 Err(e) => {
                     let _ = out.send(e.into()).await;
                 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that run the `bitnetd` binary.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

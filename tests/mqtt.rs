@@ -1,0 +1,465 @@
+//! The MQTT interface against real brokers: rumqttd embedded (always) and Mosquitto from Debian (when
+//! installed; `.ci/run` installs it). Each scenario runs on every broker available.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::broker::{Broker, V5};
+use common::Daemon;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn brokers() -> Vec<Broker> {
+    let mut b = vec![Broker::rumqttd()];
+    b.extend(Broker::mosquitto());
+    b
+}
+
+/// A daemon on `broker` with node `node` (topic prefix `bitnetd/<node>`), once its status is online.
+fn daemon(broker: &Broker, node: &str, extra: &str) -> (Daemon, V5) {
+    let d = Daemon::start(&broker.daemon_config(node, extra));
+    let watcher = V5::connect(broker.port, &format!("watch-{node}"));
+    watcher.subscribe(&format!("bitnetd/{node}/status"));
+    watcher.wait_status(&format!("bitnetd/{node}"), "online", WAIT);
+    (d, watcher)
+}
+
+fn v5_request(reply: &str, correlation: &'static [u8]) -> PublishProperties {
+    PublishProperties {
+        response_topic: Some(reply.into()),
+        correlation_data: Some(Bytes::from_static(correlation)),
+        ..Default::default()
+    }
+}
+
+/// v5 properties with a Response Topic and no Correlation Data (requests told apart by id).
+fn v5_reply(reply: &str) -> PublishProperties {
+    PublishProperties {
+        response_topic: Some(reply.into()),
+        ..Default::default()
+    }
+}
+
+fn long(id: &str, max_tokens: usize) -> Value {
+    json!({"id": id, "prompt": "The", "max_tokens": max_tokens, "temperature": 20.0, "seed": 1,
+           "repetition_penalty": 1.0})
+}
+
+#[test]
+fn v5_round_trip_streams_in_order_with_correlation_data_and_content_type() {
+    for broker in brokers() {
+        let (_d, _w) = daemon(&broker, "v5rt", "");
+        let dev = V5::connect(broker.port, "dev-v5");
+        dev.subscribe("dev/v5/answers");
+        let q = json!({"id": "a", "prompt": "A dog is", "max_tokens": 20});
+        dev.publish(
+            "bitnetd/v5rt/request",
+            q.to_string().as_bytes(),
+            v5_request("dev/v5/answers", b"\x00corr-1"),
+        );
+        let (tokens, done) = dev.answer("dev/v5/answers", &json!("a"), WAIT);
+        let v = done.json();
+        assert_eq!(v["type"], "done", "{}: {v}", broker.kind);
+        let props = done.props.clone().expect("v5 properties");
+        assert_eq!(
+            props.correlation_data.as_deref(),
+            Some(&b"\x00corr-1"[..]),
+            "{}",
+            broker.kind
+        );
+        assert_eq!(props.content_type.as_deref(), Some("application/json"));
+        assert_eq!(
+            done.qos,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            "terminal reply at QoS 1"
+        );
+        // Streaming order: the same request without streaming gives the concatenated tokens in one message.
+        let mut q2 = q.clone();
+        q2["id"] = json!("b");
+        q2["stream"] = json!(false);
+        dev.publish(
+            "bitnetd/v5rt/request",
+            q2.to_string().as_bytes(),
+            v5_request("dev/v5/answers", b"corr-2"),
+        );
+        let (none, done2) = dev.answer("dev/v5/answers", &json!("b"), WAIT);
+        assert!(none.is_empty());
+        assert_eq!(
+            done2.json()["text"].as_str().unwrap(),
+            tokens.concat(),
+            "{}",
+            broker.kind
+        );
+        assert!(!tokens.is_empty());
+    }
+}
+
+/// Sends the two 3.1.1-style requests (addressing in the payload only) and checks where the answers land.
+fn check_payload_addressing(
+    publish: &dyn Fn(&str),
+    recv: &dyn Fn() -> (String, Value),
+    kind: &str,
+) {
+    publish(
+        &json!({"id": "c3", "prompt": "A cat is", "max_tokens": 6, "stream": false,
+                    "reply_to": "dev/v3/inbox"})
+        .to_string(),
+    );
+    publish(&json!({"id": 77, "prompt": "A cat is", "max_tokens": 4, "stream": false}).to_string());
+    let mut got = HashMap::new();
+    while got.len() < 2 {
+        let (topic, v) = recv();
+        got.insert(topic, v);
+    }
+    assert_eq!(got["dev/v3/inbox"]["id"], "c3", "{kind}");
+    assert_eq!(got["dev/v3/inbox"]["type"], "done");
+    assert_eq!(got["bitnetd/v3rt/response/77"]["id"], 77, "{kind}");
+}
+
+#[test]
+fn mqtt_3_clients_use_reply_to_and_the_default_response_topic() {
+    // rumqttd 0.20 panics when it routes a v5 message (with properties) to a 3.1.1 subscriber, so there a v5
+    // client sends 3.1.1-style requests (no properties); Mosquitto gets a real 3.1.1 client.
+    for broker in brokers() {
+        let (_d, _w) = daemon(&broker, "v3rt", "");
+        if broker.kind == "rumqttd" {
+            let dev = V5::connect(broker.port, "dev-v3-style");
+            dev.subscribe("dev/v3/#");
+            dev.subscribe("bitnetd/v3rt/response/#");
+            check_payload_addressing(
+                &|p| {
+                    dev.publish(
+                        "bitnetd/v3rt/request",
+                        p.as_bytes(),
+                        PublishProperties::default(),
+                    )
+                },
+                &|| {
+                    let m = dev.next(WAIT).expect("a reply");
+                    (m.topic.clone(), m.json())
+                },
+                broker.kind,
+            );
+            continue;
+        }
+        let mut o = rumqttc::MqttOptions::new("dev-v3", "127.0.0.1", broker.port_v4);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut conn) = rumqttc::Client::new(o, 100);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = ev {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+            }
+        });
+        client
+            .subscribe("dev/v3/#", rumqttc::QoS::AtLeastOnce)
+            .unwrap();
+        client
+            .subscribe("bitnetd/v3rt/response/#", rumqttc::QoS::AtLeastOnce)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        check_payload_addressing(
+            &|p| {
+                client
+                    .publish(
+                        "bitnetd/v3rt/request",
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        p.to_string(),
+                    )
+                    .unwrap()
+            },
+            &|| {
+                let (topic, payload) = rx.recv_timeout(WAIT).expect("a reply");
+                (topic, serde_json::from_slice(&payload).unwrap())
+            },
+            broker.kind,
+        );
+    }
+}
+
+#[test]
+fn an_expired_request_is_not_run() {
+    // rumqttd 0.20 does not forward Message Expiry; Mosquitto does, as the MQTT 5 spec requires.
+    if let Some(broker) = Broker::mosquitto() {
+        let (_d, _w) = daemon(&broker, "exp", "");
+        let dev = V5::connect(broker.port, "dev-exp");
+        dev.subscribe("dev/exp/#");
+        // Keep the only slot busy for a while, then send a request that expires while it waits.
+        dev.publish(
+            "bitnetd/exp/request",
+            long("busy", 400).to_string().as_bytes(),
+            v5_request("dev/exp/busy", b"1"),
+        );
+        dev.expect_on("dev/exp/busy", WAIT);
+        let mut props = v5_request("dev/exp/short", b"2");
+        props.message_expiry_interval = Some(1);
+        dev.publish(
+            "bitnetd/exp/request",
+            json!({"id": "short", "prompt": "A dog is"})
+                .to_string()
+                .as_bytes(),
+            props,
+        );
+        let (_, done) = dev.answer("dev/exp/short", &json!("short"), WAIT);
+        let v = done.json();
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str()),
+            (Some("error"), Some("expired")),
+            "{}: {v}",
+            broker.kind
+        );
+    }
+}
+
+#[test]
+fn a_redelivered_request_is_not_run_twice() {
+    for broker in brokers() {
+        let (d, _w) = daemon(&broker, "dup", "");
+        let dev = V5::connect(broker.port, "dev-dup");
+        dev.subscribe("dev/dup/answers");
+        let q = json!({"id": "once", "prompt": "A dog is", "max_tokens": 5, "stream": false});
+        for _ in 0..3 {
+            dev.publish(
+                "bitnetd/dup/request",
+                q.to_string().as_bytes(),
+                v5_request("dev/dup/answers", b"same"),
+            );
+        }
+        let (_, first) = dev.answer("dev/dup/answers", &json!("once"), WAIT);
+        assert_eq!(first.json()["type"], "done");
+        assert!(
+            dev.next(Duration::from_millis(700)).is_none(),
+            "{}: answered more than once",
+            broker.kind
+        );
+        let status = d.connect().status();
+        assert_eq!(status["requests"]["accepted"], 1, "{}", broker.kind);
+    }
+}
+
+#[test]
+fn retained_status_is_online_then_the_last_will_says_offline_after_sigkill() {
+    for broker in brokers() {
+        let (d, watcher) = daemon(&broker, "will", "");
+        // A late subscriber gets the retained status.
+        let late = V5::connect(broker.port, "late");
+        late.subscribe("bitnetd/will/status");
+        let s = late.wait_status("bitnetd/will", "online", WAIT);
+        assert_eq!(s["model"], "bitnet-b1.58-wordnet-5m");
+        assert_eq!(s["node"], "will");
+        d.signal(libc::SIGKILL);
+        // The broker notices the dead connection (socket closed) and publishes the will.
+        let off = watcher.wait_status("bitnetd/will", "offline", WAIT);
+        assert_eq!(off["node"], "will", "{}", broker.kind);
+    }
+}
+
+#[test]
+fn a_clean_shutdown_answers_in_flight_work_and_leaves_offline_retained() {
+    for broker in brokers() {
+        let (mut d, watcher) = daemon(&broker, "bye", "");
+        let dev = V5::connect(broker.port, "dev-bye");
+        dev.subscribe("dev/bye/answers");
+        dev.publish(
+            "bitnetd/bye/request",
+            long("x", 1000).to_string().as_bytes(),
+            v5_request("dev/bye/answers", b"x"),
+        );
+        dev.expect_on("dev/bye/answers", WAIT);
+        d.signal(libc::SIGTERM);
+        let (_, done) = dev.answer("dev/bye/answers", &json!("x"), WAIT);
+        assert_eq!(done.json()["type"], "done", "{}", broker.kind);
+        assert!(d.wait().success());
+        watcher.wait_status("bitnetd/bye", "offline", WAIT);
+        let late = V5::connect(broker.port, "late-bye");
+        late.subscribe("bitnetd/bye/status");
+        let m = late.expect_on("bitnetd/bye/status", WAIT);
+        assert!(
+            m.retain && m.json()["state"] == "offline",
+            "{}: {:?}",
+            broker.kind,
+            m.json()
+        );
+    }
+}
+
+#[test]
+fn two_daemons_share_one_request_topic() {
+    for broker in brokers() {
+        let shared = "topic_prefix = \"fleet/ai\"\nshared_group = \"pool\"\n";
+        let a = Daemon::start(&broker.daemon_config("share-a", shared));
+        let b = Daemon::start(&broker.daemon_config("share-b", shared));
+        let dev = V5::connect(broker.port, "dev-share");
+        dev.subscribe("fleet/ai/status");
+        dev.subscribe("dev/share/#");
+        std::thread::sleep(Duration::from_secs(1));
+        let n = 12;
+        for i in 0..n {
+            let q = json!({"id": i, "prompt": "A dog is", "max_tokens": 30, "stream": false});
+            dev.publish(
+                "fleet/ai/request",
+                q.to_string().as_bytes(),
+                v5_reply("dev/share/answers"),
+            );
+        }
+        let mut ids = HashSet::new();
+        while ids.len() < n {
+            let m = dev.expect_on("dev/share/answers", WAIT);
+            let v = m.json();
+            assert_eq!(v["type"], "done", "{v}");
+            assert!(
+                ids.insert(v["id"].to_string()),
+                "{}: answered twice: {v}",
+                broker.kind
+            );
+        }
+        let served = |d: &Daemon| d.connect().status()["requests"]["served"].as_u64().unwrap();
+        let (sa, sb) = (served(&a), served(&b));
+        assert_eq!(sa + sb, n as u64, "{}", broker.kind);
+        assert!(
+            sa > 0 && sb > 0,
+            "{}: both boards serve ({sa} + {sb})",
+            broker.kind
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_an_error_reply_when_it_can_and_nothing_crashes() {
+    for broker in brokers() {
+        let (d, _w) = daemon(&broker, "bad", "max_payload_bytes = 4096\n");
+        let dev = V5::connect(broker.port, "dev-bad");
+        dev.subscribe("dev/bad/#");
+        let send = |payload: &[u8], topic: &str| {
+            dev.publish("bitnetd/bad/request", payload, v5_request(topic, b"c"));
+            let m = dev.expect_on(topic, WAIT);
+            m.json()
+        };
+        let v = send(b"not json", "dev/bad/1");
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str()),
+            (Some("error"), Some("bad_request"))
+        );
+        let v = send(&vec![b' '; 5000], "dev/bad/2");
+        assert_eq!(v["code"], "too_large", "{}: {v}", broker.kind);
+        let v = send(br#"{"id":"m"}"#, "dev/bad/3");
+        assert_eq!(
+            (v["code"].as_str(), v["id"].as_str()),
+            (Some("bad_request"), Some("m"))
+        );
+        let v = send(br#"{"id":"r","prompt":"x","route":"moon"}"#, "dev/bad/4");
+        assert_eq!(v["code"], "bad_request");
+        assert!(v["message"].as_str().unwrap().contains("moon"));
+        let v = send(br#"{"id":"t","prompt":"x","reply_to":5}"#, "dev/bad/5");
+        assert_eq!(v["code"], "bad_request");
+        // Without any reply address: only a log line, and the daemon goes on.
+        dev.publish(
+            "bitnetd/bad/request",
+            b"[1,2]",
+            PublishProperties::default(),
+        );
+        let v = send(
+            br#"{"id":"ok","prompt":"A dog is","max_tokens":2,"stream":false}"#,
+            "dev/bad/6",
+        );
+        assert_eq!(v["type"], "done", "{}: {v}", broker.kind);
+        assert!(
+            d.connect().status()["requests"]["rejected"]
+                .as_u64()
+                .unwrap()
+                >= 6
+        );
+    }
+}
+
+#[test]
+fn a_flood_gets_busy_not_an_unbounded_queue() {
+    for broker in brokers() {
+        let (_d, _w) = daemon(&broker, "flood", "max_in_flight = 3\n");
+        let dev = V5::connect(broker.port, "dev-flood");
+        dev.subscribe("dev/flood/#");
+        let n = 20;
+        for i in 0..n {
+            let q = long(&format!("f{i}"), 40);
+            dev.publish(
+                "bitnetd/flood/request",
+                q.to_string().as_bytes(),
+                v5_reply("dev/flood/answers"),
+            );
+        }
+        let (mut busy, mut done) = (0, 0);
+        let mut seen = HashSet::new();
+        while seen.len() < n {
+            let v = dev.expect_on("dev/flood/answers", WAIT).json();
+            match v["type"].as_str().unwrap() {
+                "token" => continue,
+                "done" => done += 1,
+                _ => {
+                    assert_eq!(v["code"], "busy", "{v}");
+                    busy += 1;
+                }
+            }
+            assert!(seen.insert(v["id"].to_string()), "{v}");
+        }
+        assert!(
+            busy > 0 && done >= 3,
+            "{}: busy {busy}, done {done}",
+            broker.kind
+        );
+    }
+}
+
+#[test]
+fn a_broker_restart_mid_stream_ends_in_an_answer_not_a_hang() {
+    let Some(mut broker) = Broker::mosquitto() else {
+        return;
+    };
+    let (d, _w) = daemon(&broker, "restart", "");
+    let port = broker.port;
+    let dev = V5::connect(port, "dev-restart");
+    dev.subscribe("dev/restart/answers");
+    let mut q = long("r", 1000);
+    q["stream"] = json!(true);
+    dev.publish(
+        "bitnetd/restart/request",
+        q.to_string().as_bytes(),
+        v5_request("dev/restart/answers", b"r"),
+    );
+    dev.expect_on("dev/restart/answers", WAIT);
+    broker.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let broker = Broker::mosquitto_on(port).unwrap();
+    // The device reconnects and subscribes again (a clean session); the daemon reconnects by itself.
+    let dev = V5::connect(broker.port, "dev-restart-2");
+    dev.subscribe("dev/restart/answers");
+    dev.subscribe("bitnetd/restart/status");
+    dev.wait_status("bitnetd/restart", "online", WAIT);
+    // The daemon serves new requests, and the one that was running when the broker died ends.
+    let q2 = json!({"id": "after", "prompt": "A dog is", "max_tokens": 3, "stream": false});
+    dev.publish(
+        "bitnetd/restart/request",
+        q2.to_string().as_bytes(),
+        v5_request("dev/restart/answers", b"a"),
+    );
+    let (_, after) = dev.answer("dev/restart/answers", &json!("after"), WAIT);
+    assert_eq!(after.json()["type"], "done");
+    let mut c = d.connect();
+    let start = std::time::Instant::now();
+    loop {
+        let s = c.status();
+        if s["requests"]["in_flight"] == 0 {
+            assert_eq!(s["requests"]["served"], 2, "{s}");
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "the first request never ended: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
