@@ -463,3 +463,93 @@ fn a_broker_restart_mid_stream_ends_in_an_answer_not_a_hang() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &str) {
+    let out = std::process::Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn mutual_tls_to_the_broker() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        return eprintln!("openssl is not installed: skipped");
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(d, "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=bitnetd-test-ca");
+    for name in ["server", "client"] {
+        openssl(
+            d,
+            &format!(
+                "req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name}"
+            ),
+        );
+        openssl(
+            d,
+            &format!(
+                "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 2 \
+                 -extfile san.ext"
+            ),
+        );
+    }
+    let tls_port = common::broker::free_port();
+    let p = |f: &str| d.join(f).display().to_string();
+    let listener = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        p("ca.pem"),
+        p("server.pem"),
+        p("server.key")
+    );
+    let Some(broker) = Broker::mosquitto_with(common::broker::free_port(), &listener) else {
+        return;
+    };
+    let tls = format!(
+        "[mqtt]\nhost = \"127.0.0.1\"\nport = {tls_port}\nnode = \"tls\"\ntls = true\nca_file = \"{}\"\n\
+         client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+        p("ca.pem"),
+        p("client.pem"),
+        p("client.key")
+    );
+    let _daemon = Daemon::start(&tls);
+    let dev = V5::connect(broker.port, "dev-tls");
+    dev.subscribe("bitnetd/tls/status");
+    dev.wait_status("bitnetd/tls", "online", WAIT);
+    dev.subscribe("dev/tls/answers");
+    let q = json!({"id": "t", "prompt": "A dog is", "max_tokens": 3, "stream": false});
+    dev.publish(
+        "bitnetd/tls/request",
+        q.to_string().as_bytes(),
+        v5_reply("dev/tls/answers"),
+    );
+    let (_, done) = dev.answer("dev/tls/answers", &json!("t"), WAIT);
+    assert_eq!(done.json()["type"], "done");
+
+    // Without the client certificate the broker refuses the daemon; the daemon keeps retrying and stays up.
+    let no_cert = format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {tls_port}\nnode = \"tls2\"\ntls = true\nca_file = \"{}\"\n", p("ca.pem"));
+    let d2 = Daemon::start(&no_cert);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(d2.connect().status()["state"], "ready");
+    // A CA file that is not a certificate stops the start with a clear error.
+    let bad = format!("[mqtt]\ntls = true\nca_file = \"{}\"\n", p("san.ext"));
+    let mut d3 = Daemon::spawn(&bad, |_| {});
+    assert!(!d3.wait().success());
+    assert!(d3.log().contains("MQTT TLS"), "{}", d3.log());
+}

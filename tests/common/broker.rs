@@ -37,6 +37,11 @@ impl Broker {
 
     /// Mosquitto on `port` (to restart it where it was).
     pub fn mosquitto_on(port: u16) -> Option<Broker> {
+        Broker::mosquitto_with(port, "")
+    }
+
+    /// Mosquitto on `port`, with more configuration (such as a second listener) after the first listener.
+    pub fn mosquitto_with(port: u16, extra: &str) -> Option<Broker> {
         let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists());
@@ -46,9 +51,18 @@ impl Broker {
         };
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
+        // Started as root, Mosquitto drops to its own user, which cannot read the test's temporary files.
+        // SAFETY: geteuid has no preconditions.
+        let user = if unsafe { libc::geteuid() } == 0 {
+            "user root\n"
+        } else {
+            ""
+        };
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "{user}allow_anonymous true\npersistence false\nlistener {port} 127.0.0.1\n{extra}"
+            ),
         )
         .unwrap();
         let child = Command::new(exe)
