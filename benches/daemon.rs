@@ -3,7 +3,9 @@
 //! - the round trip of `{"cmd":"status"}` and of a request refused at validation (no inference at all);
 //! - for a one-token request, the client's round trip minus the daemon's own `timing.total_ms` (socket, JSON,
 //!   dispatch and queue hand-off);
-//! - idle resident size before the model is loaded and after, as the daemon reports it.
+//! - idle resident size before the model is loaded and after, as the daemon reports it;
+//! - with Mosquitto installed, the same over MQTT: a one-token request's round trip through the broker minus
+//!   the daemon's `timing.total_ms`, and the round trip of a status request.
 //!
 //!   cargo bench --bench daemon -- [--model DIR] [--runs 2000]
 
@@ -52,8 +54,17 @@ fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("bench.sock");
+    let broker = mosquitto(dir.path());
+    let config = dir.path().join("bitnetd.toml");
+    let mqtt_section = broker
+        .as_ref()
+        .map(|(_, port)| format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nnode = \"bench\"\n"))
+        .unwrap_or_default();
+    std::fs::write(&config, mqtt_section).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bitnetd"));
     cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
         .env("BITNETD_SOCKET", &socket)
         .env("BITNETD_LOG", "warn")
         .env_remove("BITNETD_CONFIG")
@@ -98,9 +109,15 @@ fn main() {
         assert_eq!(r["type"], "done", "{r}");
         wrapper_us.push(rtt - r["timing"]["total_ms"].as_f64().unwrap() * 1e3);
     }
+    let mqtt = broker
+        .as_ref()
+        .map(|(_, port)| mqtt_overhead(*port, runs.min(500)));
     let busy = c.ask(&json!({"cmd": "status"}));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
+    if let Some((mut b, _)) = broker {
+        let _ = b.kill();
+    }
 
     let (s50, s99) = percentiles(status_us);
     let (r50, r99) = percentiles(refused_us);
@@ -115,12 +132,26 @@ fn main() {
         "rss_idle_with_model_mib": mib(&idle["memory"]["rss_bytes"]),
         "rss_after_requests_mib": mib(&busy["memory"]["rss_bytes"]),
         "runs": runs,
+        "mqtt": mqtt.map(|((m50, m99), (q50, q99))| json!({
+            "one_token_overhead_us": {"p50": m50, "p99": m99},
+            "status_rtt_us": {"p50": q50, "p99": q99},
+        })),
     });
     println!("{out}");
     println!(
         "status round trip p50 {s50:.0} us (p99 {s99:.0}); refused request p50 {r50:.0} us (p99 {r99:.0}); \
          daemon overhead around a 1-token request p50 {w50:.0} us (p99 {w99:.0})"
     );
+    if let Some(m) = &out["mqtt"].as_object() {
+        println!(
+            "MQTT (Mosquitto on loopback): overhead around a 1-token request p50 {:.0} us (p99 {:.0}); status \
+             round trip p50 {:.0} us (p99 {:.0})",
+            m["one_token_overhead_us"]["p50"].as_f64().unwrap(),
+            m["one_token_overhead_us"]["p99"].as_f64().unwrap(),
+            m["status_rtt_us"]["p50"].as_f64().unwrap(),
+            m["status_rtt_us"]["p99"].as_f64().unwrap()
+        );
+    }
     println!(
         "RSS: {:.1} MiB before the model, {:.1} MiB idle with it, {:.1} MiB after {} requests",
         mib(&idle["memory"]["rss_before_model_bytes"]),
@@ -128,4 +159,101 @@ fn main() {
         mib(&busy["memory"]["rss_bytes"]),
         2 * runs + one_token
     );
+}
+
+/// Mosquitto on a free loopback port, if installed.
+fn mosquitto(dir: &std::path::Path) -> Option<(std::process::Child, u16)> {
+    let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root\n"
+    } else {
+        ""
+    };
+    // Mosquitto's default leaves Nagle's algorithm on; a Pi's broker should set this too (docs/mqtt.md).
+    let text =
+        format!("{user}allow_anonymous true\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n");
+    std::fs::write(&conf, text).ok()?;
+    let child = Command::new(exe)
+        .arg("-c")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some((child, port))
+}
+
+/// (one-token request round trip minus the daemon's own time, status round trip), p50/p99 in microseconds.
+fn mqtt_overhead(port: u16, runs: usize) -> ((f64, f64), (f64, f64)) {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{Client, Event, MqttOptions};
+    let mut opts = MqttOptions::new("bench-dev", "127.0.0.1", port);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    opts.set_network_options(net);
+    let (client, mut conn) = Client::new(opts, 100);
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(serde_json::from_slice(&p.payload).unwrap_or(Value::Null));
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = tx.send(json!({"connected": true}));
+                }
+                _ => {}
+            }
+        }
+    });
+    rx.recv().unwrap();
+    client.subscribe("bench/answers", QoS::AtLeastOnce).unwrap();
+    client
+        .subscribe("bitnetd/bench/status", QoS::AtLeastOnce)
+        .unwrap();
+    // Wait until the daemon is subscribed (its retained status says online).
+    while rx.recv().unwrap()["state"] != "online" {}
+    let props = || PublishProperties {
+        response_topic: Some("bench/answers".into()),
+        ..Default::default()
+    };
+    let ask = |q: Value| {
+        let t = Instant::now();
+        client
+            .publish_with_properties(
+                "bitnetd/bench/request",
+                QoS::AtMostOnce,
+                false,
+                q.to_string(),
+                props(),
+            )
+            .unwrap();
+        loop {
+            let r = rx.recv().unwrap();
+            if r["id"] == q["id"] && r["type"] != "token" {
+                return (t.elapsed().as_secs_f64() * 1e6, r);
+            }
+        }
+    };
+    let mut one = vec![];
+    let mut status = vec![];
+    for i in 0..runs {
+        let (rtt, r) =
+            ask(json!({"id": i, "prompt": "A dog is", "max_tokens": 1, "stream": false}));
+        one.push(rtt - r["timing"]["total_ms"].as_f64().unwrap() * 1e3);
+        let (rtt, _) = ask(json!({"id": format!("s{i}"), "cmd": "status"}));
+        status.push(rtt);
+    }
+    (percentiles(one), percentiles(status))
 }

@@ -24,6 +24,10 @@ pub fn mqtt_options(cfg: &MqttConfig, offline: &[u8]) -> Result<MqttOptions, Mqt
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_start(true);
     o.set_max_packet_size(Some(cfg.max_packet_bytes as u32));
+    // Replies are small and latency matters: do not let Nagle's algorithm hold them for a delayed ACK (40 ms).
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
     let will_props = LastWillProperties {
         delay_interval: None,
         payload_format_indicator: Some(1),
