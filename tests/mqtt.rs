@@ -335,7 +335,7 @@ fn two_daemons_share_one_request_topic() {
 #[test]
 fn bad_input_gets_an_error_reply_when_it_can_and_nothing_crashes() {
     for broker in brokers() {
-        let (d, _w) = daemon(&broker, "bad", "max_payload_bytes = 4096\n");
+        let (d, _w) = daemon(&broker, "bad", "max_payload_bytes = 65536\n");
         let dev = V5::connect(broker.port, "dev-bad");
         dev.subscribe("dev/bad/#");
         let send = |payload: &[u8], topic: &str| {
@@ -348,7 +348,7 @@ fn bad_input_gets_an_error_reply_when_it_can_and_nothing_crashes() {
             (v["type"].as_str(), v["code"].as_str()),
             (Some("error"), Some("bad_request"))
         );
-        let v = send(&vec![b' '; 5000], "dev/bad/2");
+        let v = send(&vec![b' '; 70_000], "dev/bad/2");
         assert_eq!(v["code"], "too_large", "{}: {v}", broker.kind);
         let v = send(br#"{"id":"m"}"#, "dev/bad/3");
         assert_eq!(
@@ -360,6 +360,12 @@ fn bad_input_gets_an_error_reply_when_it_can_and_nothing_crashes() {
         assert!(v["message"].as_str().unwrap().contains("moon"));
         let v = send(br#"{"id":"t","prompt":"x","reply_to":5}"#, "dev/bad/5");
         assert_eq!(v["code"], "bad_request");
+        // A large request within the limit gets through (rumqttc's 10 KiB default is raised), and is judged
+        // on its content: this prompt is longer than the model's context.
+        let big = json!({"id": "big", "prompt": "word ".repeat(3000)}).to_string();
+        assert!(big.len() > 10 << 10 && big.len() < 65536);
+        let v = send(big.as_bytes(), "dev/bad/7");
+        assert_eq!(v["code"], "too_long", "{}: {v}", broker.kind);
         // Without any reply address: only a log line, and the daemon goes on.
         dev.publish(
             "bitnetd/bad/request",
@@ -552,4 +558,23 @@ fn mutual_tls_to_the_broker() {
     let mut d3 = Daemon::spawn(&bad, |_| {});
     assert!(!d3.wait().success());
     assert!(d3.log().contains("MQTT TLS"), "{}", d3.log());
+}
+
+#[test]
+fn home_assistant_discovery_announces_the_board() {
+    for broker in brokers() {
+        let (_d, _w) = daemon(&broker, "ha", "home_assistant = true\n");
+        let ha = V5::connect(broker.port, "home-assistant");
+        ha.subscribe("homeassistant/sensor/ha/+/config");
+        let mut objects = HashSet::new();
+        while objects.len() < 3 {
+            let m = ha.next(WAIT).expect("discovery configs");
+            assert!(m.retain, "{}: discovery configs are retained", broker.kind);
+            let v = m.json();
+            assert_eq!(v["state_topic"], "bitnetd/ha/status");
+            assert_eq!(v["device"]["identifiers"][0], "bitnetd_ha");
+            assert!(v["value_template"].as_str().unwrap().contains("value_json"));
+            objects.insert(m.topic.clone());
+        }
+    }
 }

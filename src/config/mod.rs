@@ -104,6 +104,8 @@ pub struct MqttConfig {
     pub max_in_flight: usize,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Publish Home Assistant MQTT discovery configs.
+    pub home_assistant: bool,
 }
 
 /// TLS files for the broker connection.
@@ -246,6 +248,7 @@ fn validate_mqtt(
         max_in_flight: m.max_in_flight,
         reconnect_min: Duration::from_millis(m.reconnect_min_ms),
         reconnect_max: Duration::from_millis(m.reconnect_max_ms),
+        home_assistant: m.home_assistant,
     })
 }
 

@@ -151,6 +151,8 @@ pub struct RawMqtt {
     pub max_in_flight: usize,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Publish Home Assistant MQTT discovery configs.
+    pub home_assistant: bool,
 }
 
 impl Default for RawMqtt {
@@ -174,6 +176,7 @@ impl Default for RawMqtt {
             max_in_flight: 32,
             reconnect_min_ms: 250,
             reconnect_max_ms: 30_000,
+            home_assistant: false,
         }
     }
 }

@@ -9,7 +9,7 @@ fn err(text: &str) -> ConfigError {
     Config::from_toml(text, Some(Path::new("bitnetd.toml")), &env()).unwrap_err()
 }
 
-/// The template with every `# key = value` line uncommented.
+/// The template with every `# key = value` and `# [section]` line uncommented.
 fn uncommented_template() -> String {
     DEFAULTS_TOML
         .lines()
@@ -21,6 +21,7 @@ fn uncommented_template() -> String {
             {
                 rest
             }
+            Some(rest) if rest.starts_with('[') && rest.ends_with(']') => rest,
             _ => l,
         })
         .collect::<Vec<_>>()
@@ -55,9 +56,45 @@ fn every_option_is_documented_in_the_printed_defaults() {
     // The commented-out examples must be real keys, and every key must appear in the template.
     let all: RawConfig = toml::from_str(&uncommented_template()).unwrap();
     assert!(all.model.path.is_some() && all.model.threads.is_some() && all.socket.group.is_some());
+    // Commented-out values of options that have a default are that default.
+    let (m, d) = (all.mqtt.clone().unwrap(), raw::RawMqtt::default());
+    assert_eq!(
+        (
+            m.host,
+            m.keep_alive_secs,
+            m.tls,
+            m.max_payload_bytes,
+            m.max_packet_bytes
+        ),
+        (
+            d.host,
+            d.keep_alive_secs,
+            d.tls,
+            d.max_payload_bytes,
+            d.max_packet_bytes
+        )
+    );
+    assert_eq!(
+        (
+            m.max_in_flight,
+            m.reconnect_min_ms,
+            m.reconnect_max_ms,
+            m.home_assistant
+        ),
+        (
+            d.max_in_flight,
+            d.reconnect_min_ms,
+            d.reconnect_max_ms,
+            d.home_assistant
+        )
+    );
     let mut names = vec![];
+    let every_section = RawConfig {
+        mqtt: Some(Default::default()),
+        ..Default::default()
+    };
     keys(
-        &serde_json::to_value(RawConfig::default()).unwrap(),
+        &serde_json::to_value(every_section).unwrap(),
         "",
         &mut names,
     );

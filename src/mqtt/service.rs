@@ -93,6 +93,9 @@ impl Mqtt {
                             }
                         }
                         published_status = None;
+                        if cfg.home_assistant {
+                            shared.announce_to_home_assistant();
+                        }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if !stopping {
@@ -306,6 +309,55 @@ impl Shared {
                 .try_publish_with_properties(topic, QoS::AtLeastOnce, true, payload, props)
         {
             log::warn!("MQTT status not published: {e}");
+        }
+    }
+
+    /// Publishes retained Home Assistant discovery configs: a device per board with sensors read from the
+    /// retained status, available while the status says `online`.
+    fn announce_to_home_assistant(&self) {
+        let cfg = &self.cfg;
+        let s = self.dispatcher.status(None);
+        let device = json!({
+            "identifiers": [format!("bitnetd_{}", cfg.node)],
+            "name": format!("bitnetd {}", cfg.node),
+            "manufacturer": "bitnetd",
+            "model": s.model,
+            "sw_version": s.version,
+        });
+        for (object, name, template) in [
+            ("state", "State", "{{ value_json.state }}"),
+            ("model", "Model", "{{ value_json.model }}"),
+            (
+                "engine",
+                "Engine",
+                "{{ 'alive' if value_json.engine_alive else 'stuck' }}",
+            ),
+        ] {
+            let config = json!({
+                "name": name,
+                "unique_id": format!("bitnetd_{}_{object}", cfg.node),
+                "object_id": format!("bitnetd_{}_{object}", cfg.node),
+                "state_topic": cfg.status_topic(),
+                "value_template": template,
+                "availability_topic": cfg.status_topic(),
+                "availability_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
+                "device": device,
+            });
+            let topic = format!("homeassistant/sensor/{}/{object}/config", cfg.node);
+            let props = PublishProperties {
+                content_type: Some(CONTENT_TYPE.into()),
+                ..Default::default()
+            };
+            let payload = config.to_string().into_bytes();
+            if let Err(e) = self.client.try_publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                true,
+                payload,
+                props,
+            ) {
+                log::warn!("MQTT discovery not published: {e}");
+            }
         }
     }
 
