@@ -15,6 +15,7 @@
 //! - [`server`]: the Unix socket API (listener, connections, line reading).
 //! - [`mqtt`]: the MQTT interface (network loop, and the pure addressing/dedup/backoff rules).
 //! - [`budget`]: memory estimates and the process's resident size.
+//! - [`governor`]: board telemetry (temperature, throttling, memory, pressure) and the pure budget policy.
 //! - [`systemd`]: readiness, status, watchdog; [`logging`]: journald or stderr.
 //! - [`client`]: the blocking clients behind `bitnetd ask` and `bitnetd status`.
 
@@ -26,6 +27,7 @@ pub mod default_model;
 pub mod dispatch;
 pub mod engine;
 pub mod export;
+pub mod governor;
 pub mod hf;
 pub mod logging;
 pub mod meta;
