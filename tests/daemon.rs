@@ -300,6 +300,17 @@ fn bad_input_gets_an_error_line_and_the_connection_stays_usable() {
 }
 
 #[test]
+fn an_id_may_be_reused_as_soon_as_its_answer_arrives() {
+    let d = Daemon::start("");
+    let mut c = d.connect();
+    for round in 0..20 {
+        c.send(&json!({"id": "same", "prompt": "A dog is", "max_tokens": 2, "stream": false}));
+        let (_, done) = c.finish(&json!("same"));
+        assert_eq!(done["type"], "done", "round {round}: {done}");
+    }
+}
+
+#[test]
 fn a_duplicate_id_in_flight_is_refused_without_disturbing_the_first() {
     let d = Daemon::start("");
     let mut c = d.connect();

@@ -227,11 +227,17 @@ async fn handle(
 async fn forward(mut ticket: Ticket, id: Id, in_flight: Arc<InFlight>, out: mpsc::Sender<Reply>) {
     while let Some(reply) = ticket.replies.recv().await {
         let terminal = reply.is_terminal();
+        if terminal {
+            // Free the id before the client can see the answer, so that it may reuse the id at once. The
+            // writer outlives this task (it ends when every sender, this one included, is dropped), so the
+            // terminal reply is still written.
+            in_flight.remove(&id);
+        }
         if out.send(reply).await.is_err() {
             ticket.cancel();
         }
         if terminal {
-            break;
+            return;
         }
     }
     in_flight.remove(&id);
