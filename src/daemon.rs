@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ConfigError};
 use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::engine::{Engine, EngineError, EngineOptions, LoadOptions, Model};
+use crate::governor::{self, policy::Limits, telemetry::Telemetry};
 use crate::mqtt::{Mqtt, MqttError};
 use crate::server::{self, ConnectionLimits, Listener, ServerError};
 use crate::systemd::{self, Notifier, START_EXTENSION};
@@ -53,6 +54,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             queue: config.engine.queue,
         },
     )?;
+    let limits = Limits {
+        soft_temp_c: config.budget.soft_temp_c,
+        hard_temp_c: config.budget.hard_temp_c,
+        hysteresis_c: config.budget.hysteresis_c,
+        memory_bytes: config.budget.memory_bytes,
+        max_threads: config.model.threads,
+        ..Limits::default()
+    };
+    let budget = governor::spawn(
+        limits,
+        Telemetry::new(&config.budget.telemetry_root),
+        config.budget.sample_every,
+        shutdown.clone(),
+    );
     let dispatcher = Dispatcher::new(
         Arc::new(engine),
         DispatchOptions {
@@ -61,6 +76,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             stall_limit: config.engine.stall_limit,
             memory_budget: config.budget.memory_bytes,
             rss_before_model,
+            budget: Some(budget),
         },
     );
 

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::engine::{
     Backend, CancelToken, GenerateParams, Generation, JobEvent, JobHandle, JobOptions, Prompt,
     SamplingParams,
 };
+use crate::governor::Budget;
 use crate::protocol::{Done, ErrorCode, Id, Reply, Request, Served, Timing, Usage, WireError};
 use crate::router::{self, CloudState, Decision, RouteRequest};
 
@@ -31,6 +32,8 @@ pub struct DispatchOptions {
     pub memory_budget: u64,
     /// Resident size before the model was loaded, reported in `status`.
     pub rss_before_model: Option<u64>,
+    /// The governor's current view; `None` runs ungoverned (tests of the engine alone).
+    pub budget: Option<watch::Receiver<Budget>>,
 }
 
 /// Where and when a request came in.
@@ -110,6 +113,8 @@ pub struct Status {
     /// Moving average of local time to first token, queue included.
     pub ttft_ms: Option<f64>,
     pub memory: MemoryStatus,
+    /// The governor's view (absent when ungoverned).
+    pub budget: Option<Budget>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -202,6 +207,7 @@ impl Dispatcher {
                 ))
             }
         }
+        self.admit_local()?;
         if req.deadline_ms == Some(0) {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
@@ -254,6 +260,28 @@ impl Dispatcher {
         };
         tokio::spawn(pump.run(job));
         Ok(Ticket { replies, cancel })
+    }
+
+    /// Refuses local work while the governor says the board cannot take it (too hot, memory pressure).
+    fn admit_local(&self) -> Result<(), WireError> {
+        let Some(b) = &self.opts.budget else {
+            return Ok(());
+        };
+        let b = b.borrow();
+        if b.directive.admit_local {
+            return Ok(());
+        }
+        let why = if b.directive.local_paused {
+            let t = b
+                .temperature_c
+                .map_or(String::new(), |t| format!(" ({t:.1} °C)"));
+            format!("the board is too hot{t}: local inference is paused")
+        } else {
+            "the board is short of memory: no new local work for now".to_string()
+        };
+        let mut e = WireError::new(ErrorCode::OverBudget, why);
+        e.retry_after_ms = b.directive.retry_after_ms;
+        Err(e)
     }
 
     fn params(&self, req: &Request) -> GenerateParams {
@@ -357,6 +385,7 @@ impl Dispatcher {
                 rss_before_model_bytes: self.opts.rss_before_model,
                 budget_bytes: self.opts.memory_budget,
             },
+            budget: self.opts.budget.as_ref().map(|b| b.borrow().clone()),
         }
     }
 

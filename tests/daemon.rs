@@ -471,3 +471,97 @@ fn the_socket_gets_the_configured_group() {
     assert!(!bad.wait().success());
     assert!(bad.log().contains("no-such-group-here"), "{}", bad.log());
 }
+
+/// Writes the fake board's temperature (°C).
+fn set_temperature(board: &std::path::Path, celsius: f32) {
+    let zone = board.join("sys/class/thermal/thermal_zone0");
+    std::fs::create_dir_all(&zone).unwrap();
+    std::fs::write(
+        zone.join("temp.tmp"),
+        format!("{}\n", (celsius * 1000.0) as i64),
+    )
+    .unwrap();
+    std::fs::rename(zone.join("temp.tmp"), zone.join("temp")).unwrap();
+}
+
+fn wait_for_budget(c: &mut Client, check: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let s = c.status();
+        if check(&s["budget"]) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "budget never got there: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn heat_pauses_local_inference_and_cooling_with_hysteresis_resumes_it() {
+    let d = Daemon::start("[budget]\nsample_ms = 50\nsoft_temp_c = 75.0\nhard_temp_c = 82.0\n");
+    let board = d.board();
+    let mut c = d.connect();
+    let ask = |c: &mut Client, id: &str| {
+        c.send(&json!({"id": id, "prompt": "A dog is", "max_tokens": 3, "stream": false}));
+        c.finish(&json!(id)).1
+    };
+    set_temperature(&board, 60.0);
+    let s = wait_for_budget(&mut c, |b| b["temperature_c"] == 60.0);
+    assert_eq!(s["budget"]["thermal"], "normal");
+    assert_eq!(ask(&mut c, "cool")["type"], "done");
+
+    set_temperature(&board, 78.0);
+    let s = wait_for_budget(&mut c, |b| b["thermal"] == "warm");
+    let threads = s["engine"]["threads"].as_u64().unwrap() as usize;
+    assert_eq!(s["budget"]["directive"]["threads"], (threads / 2).max(1));
+    assert_eq!(ask(&mut c, "warm")["type"], "done", "warm still serves");
+
+    set_temperature(&board, 85.0);
+    wait_for_budget(&mut c, |b| b["thermal"] == "hot");
+    let r = ask(&mut c, "hot");
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("over_budget")),
+        "{r}"
+    );
+    assert!(r["message"].as_str().unwrap().contains("too hot"), "{r}");
+    assert_eq!(r["retry_after_ms"], 30000);
+
+    // 79 °C is below the hard limit but within its hysteresis: still hot.
+    set_temperature(&board, 79.0);
+    wait_for_budget(&mut c, |b| b["temperature_c"] == 79.0);
+    assert_eq!(ask(&mut c, "still")["code"], "over_budget");
+    set_temperature(&board, 70.0);
+    wait_for_budget(&mut c, |b| b["thermal"] == "warm");
+    assert_eq!(ask(&mut c, "again")["type"], "done");
+    assert!(d.log().contains("governor"), "transitions are logged");
+}
+
+#[test]
+fn memory_pressure_refuses_new_local_work_with_a_hint() {
+    let d = Daemon::start("[budget]\nsample_ms = 50\n");
+    let board = d.board();
+    std::fs::create_dir_all(board.join("proc/pressure")).unwrap();
+    std::fs::write(
+        board.join("proc/pressure/memory"),
+        "some avg10=40.00 avg60=10.00 avg300=2.00 total=1\nfull avg10=20.00 avg60=5.00 avg300=1.00 total=1\n",
+    )
+    .unwrap();
+    let mut c = d.connect();
+    wait_for_budget(&mut c, |b| b["memory_pressure"] == true);
+    c.send(&json!({"id": "m", "prompt": "A dog is", "max_tokens": 3}));
+    let (_, r) = c.finish(&json!("m"));
+    assert_eq!(r["code"], "over_budget", "{r}");
+    assert_eq!(r["retry_after_ms"], 5000);
+    std::fs::write(
+        board.join("proc/pressure/memory"),
+        "some avg10=0.10 avg60=0.00 avg300=0.00 total=1\n",
+    )
+    .unwrap();
+    wait_for_budget(&mut c, |b| b["memory_pressure"] == false);
+    c.send(&json!({"id": "m2", "prompt": "A dog is", "max_tokens": 3}));
+    assert_eq!(c.finish(&json!("m2")).1["type"], "done");
+}

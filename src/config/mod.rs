@@ -74,6 +74,14 @@ pub struct SocketConfig {
 pub struct BudgetConfig {
     pub memory_bytes: u64,
     pub default_deadline: Option<Duration>,
+    /// 0 < soft < hard.
+    pub soft_temp_c: f32,
+    pub hard_temp_c: f32,
+    /// >= 0.
+    pub hysteresis_c: f32,
+    /// At least 50 ms.
+    pub sample_every: Duration,
+    pub telemetry_root: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -429,10 +437,37 @@ fn validate(
             format!("{memory_bytes} bytes is below the minimum of 64M"),
         ));
     }
+    let b = &raw.budget;
+    if !(b.soft_temp_c.is_finite() && b.soft_temp_c > 0.0) {
+        return Err(invalid(
+            "budget.soft_temp_c",
+            format!("{} is not a temperature above 0", b.soft_temp_c),
+        ));
+    }
+    if !(b.hard_temp_c.is_finite() && b.hard_temp_c > b.soft_temp_c) {
+        return Err(invalid(
+            "budget.hard_temp_c",
+            format!(
+                "{} must be above soft_temp_c ({})",
+                b.hard_temp_c, b.soft_temp_c
+            ),
+        ));
+    }
+    if !(b.hysteresis_c.is_finite() && b.hysteresis_c >= 0.0) {
+        return Err(invalid("budget.hysteresis_c", "must be 0 or more".into()));
+    }
+    if b.sample_ms < 50 {
+        return Err(invalid("budget.sample_ms", "must be at least 50".into()));
+    }
     let budget = BudgetConfig {
         memory_bytes,
-        default_deadline: (raw.budget.default_deadline_ms > 0)
-            .then(|| Duration::from_millis(raw.budget.default_deadline_ms)),
+        default_deadline: (b.default_deadline_ms > 0)
+            .then(|| Duration::from_millis(b.default_deadline_ms)),
+        soft_temp_c: b.soft_temp_c,
+        hard_temp_c: b.hard_temp_c,
+        hysteresis_c: b.hysteresis_c,
+        sample_every: Duration::from_millis(b.sample_ms),
+        telemetry_root: b.telemetry_root.clone(),
     };
     let filter = env.get(Env::LOG).unwrap_or(raw.logging.level.clone());
     if let Err(m) = check_filter(&filter) {

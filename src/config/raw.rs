@@ -94,6 +94,16 @@ pub struct RawBudget {
     pub memory_bytes: ByteSize,
     /// Milliseconds; 0 means no deadline.
     pub default_deadline_ms: u64,
+    /// °C: above it, fewer threads.
+    pub soft_temp_c: f32,
+    /// °C: above it, local inference pauses.
+    pub hard_temp_c: f32,
+    /// °C below a limit before its level is left.
+    pub hysteresis_c: f32,
+    /// How often the governor reads the board.
+    pub sample_ms: u64,
+    /// Where `/sys` and `/proc` are read from (tests and containers point it elsewhere).
+    pub telemetry_root: PathBuf,
 }
 
 impl Default for RawBudget {
@@ -101,6 +111,11 @@ impl Default for RawBudget {
         RawBudget {
             memory_bytes: ByteSize::Text("4G".into()),
             default_deadline_ms: 0,
+            soft_temp_c: 75.0,
+            hard_temp_c: 82.0,
+            hysteresis_c: 5.0,
+            sample_ms: 1000,
+            telemetry_root: PathBuf::from("/"),
         }
     }
 }

@@ -210,6 +210,12 @@ fn impossible_values_are_named_with_key_and_line() {
             2,
         ),
         ("[logging]\nlevel = \"loud\"\n", "logging.level", 2),
+        (
+            "[budget]\nsoft_temp_c = 80.0\nhard_temp_c = 70.0\n",
+            "budget.hard_temp_c",
+            3,
+        ),
+        ("[budget]\nsample_ms = 1\n", "budget.sample_ms", 2),
         ("[logging]\n\ntarget = \"syslog\"\n", "logging.target", 3),
     ] {
         let e = err(text);

@@ -3,8 +3,6 @@
 //! the real budget, and turns all of it into a [`Directive`] for the scheduler and the router. No I/O; every
 //! transition is unit-tested by name.
 
-use std::time::Duration;
-
 use super::telemetry::Reading;
 
 /// Thresholds, from `[budget]`.
@@ -71,8 +69,8 @@ pub struct Directive {
     pub local_paused: bool,
     /// New local work may be admitted (false under memory pressure).
     pub admit_local: bool,
-    /// Hint for refused or waiting requests.
-    pub retry_after: Option<Duration>,
+    /// Hint for refused or waiting requests, in milliseconds.
+    pub retry_after_ms: Option<u64>,
 }
 
 /// The next state from `prev` and a new reading. Missing readings keep the previous level (a sensor that
@@ -129,11 +127,7 @@ pub fn directive(state: &State, l: &Limits) -> Directive {
         threads,
         local_paused,
         admit_local,
-        retry_after: (!admit_local).then_some(Duration::from_secs(if local_paused {
-            30
-        } else {
-            5
-        })),
+        retry_after_ms: (!admit_local).then_some(if local_paused { 30_000 } else { 5_000 }),
     }
 }
 
@@ -201,14 +195,14 @@ mod tests {
                 threads: 4,
                 local_paused: false,
                 admit_local: true,
-                retry_after: None
+                retry_after_ms: None
             }
         );
         assert_eq!(d(76.0).threads, 2);
         assert!(d(76.0).admit_local);
         let hot = d(83.0);
         assert!(hot.local_paused && !hot.admit_local);
-        assert_eq!(hot.retry_after, Some(Duration::from_secs(30)));
+        assert_eq!(hot.retry_after_ms, Some(30_000));
     }
 
     #[test]
@@ -262,7 +256,7 @@ mod tests {
             assert!(s.memory_pressure, "{r:?}");
             let d = directive(&s, &l);
             assert!(!d.admit_local && !d.local_paused);
-            assert_eq!(d.retry_after, Some(Duration::from_secs(5)));
+            assert_eq!(d.retry_after_ms, Some(5_000));
         }
         let calm = Reading {
             memory_pressure_some_avg10: Some(0.5),

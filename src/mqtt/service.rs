@@ -432,7 +432,16 @@ fn status_payload(cfg: &MqttConfig, d: &Dispatcher, state: &str) -> Vec<u8> {
         "model": s.model,
         "version": s.version,
         "engine_alive": s.engine.alive,
-        "budget": {"memory_bytes": s.memory.budget_bytes},
+        "budget": match &s.budget {
+            Some(b) => json!({
+                "memory_bytes": b.state.memory_budget,
+                "thermal": b.state.thermal,
+                "under_voltage": b.state.under_voltage,
+                "memory_pressure": b.state.memory_pressure,
+                "local_paused": b.directive.local_paused,
+            }),
+            None => json!({"memory_bytes": s.memory.budget_bytes}),
+        },
     })
     .to_string()
     .into_bytes()

@@ -52,11 +52,23 @@ impl Daemon {
         d
     }
 
-    /// Starts the process without waiting for it.
+    /// Starts the process without waiting for it. Unless `config` sets `telemetry_root`, the governor reads
+    /// an empty fake tree (`<dir>/board`), so no test depends on this machine's temperature or memory pressure.
     pub fn spawn(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("bitnetd.sock");
         let cfg = dir.path().join("bitnetd.toml");
+        let board = dir.path().join("board");
+        std::fs::create_dir_all(&board).unwrap();
+        let config = if config.contains("telemetry_root") {
+            config.to_string()
+        } else {
+            let root = format!("telemetry_root = \"{}\"\n", board.display());
+            match config.find("[budget]\n") {
+                Some(at) => format!("{}[budget]\n{root}{}", &config[..at], &config[at + 9..]),
+                None => format!("{config}\n[budget]\n{root}"),
+            }
+        };
         std::fs::write(&cfg, config).unwrap();
         let mut cmd = bitnetd();
         cmd.arg("run")
@@ -94,6 +106,11 @@ impl Daemon {
             socket,
             stderr,
         }
+    }
+
+    /// The fake board tree the governor reads (see [`Daemon::spawn`]).
+    pub fn board(&self) -> PathBuf {
+        self.dir.path().join("board")
     }
 
     /// What the daemon logged so far.

@@ -1,0 +1,96 @@
+//! The governor loop: samples the board every `[budget] sample_ms`, runs the policy, logs every transition,
+//! updates systemd's `STATUS=`, and publishes the result on a `watch` channel that the dispatcher and the status
+//! outputs read. It never sits in their code.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::policy::{directive, step, Directive, Limits, State};
+use super::telemetry::{Reading, Telemetry};
+use crate::systemd::Notifier;
+
+/// The governor's view, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Budget {
+    #[serde(flatten)]
+    pub state: State,
+    pub directive: Directive,
+    pub temperature_c: Option<f32>,
+    pub rss_bytes: Option<u64>,
+    pub mem_available_bytes: Option<u64>,
+}
+
+impl Budget {
+    fn new(state: State, reading: &Reading, limits: &Limits) -> Budget {
+        Budget {
+            directive: directive(&state, limits),
+            state,
+            temperature_c: reading.temperature_c,
+            rss_bytes: reading.rss_bytes,
+            mem_available_bytes: reading.mem_available_bytes,
+        }
+    }
+
+    /// One line for logs and systemd's `STATUS=`.
+    pub fn summary(&self) -> String {
+        let temp = self
+            .temperature_c
+            .map_or("no sensor".into(), |t| format!("{t:.1} °C"));
+        format!(
+            "thermal {:?} ({temp}), under-voltage {}, memory pressure {}, threads {}{}",
+            self.state.thermal,
+            self.state.under_voltage,
+            self.state.memory_pressure,
+            self.directive.threads,
+            if self.directive.local_paused {
+                ", local inference paused"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Takes a first reading, then samples every `every` until `shutdown`.
+pub fn spawn(
+    limits: Limits,
+    telemetry: Telemetry,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Budget> {
+    let reading = telemetry.read_all();
+    let state = step(&State::default(), &reading, &limits);
+    let first = Budget::new(state, &reading, &limits);
+    log::info!(thermal:? = first.state.thermal; "governor: {}", first.summary());
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let reading = telemetry.read_all();
+            let prev = tx.borrow().state;
+            let next = Budget::new(step(&prev, &reading, &limits), &reading, &limits);
+            let changed = next.state.thermal != prev.thermal
+                || next.state.under_voltage != prev.under_voltage
+                || next.state.memory_pressure != prev.memory_pressure
+                || next.state.memory_budget != prev.memory_budget;
+            if changed {
+                log::warn!(
+                    thermal:? = next.state.thermal, under_voltage = next.state.under_voltage,
+                    memory_pressure = next.state.memory_pressure, threads = next.directive.threads;
+                    "governor: {}", next.summary()
+                );
+                Notifier.status(&next.summary());
+            }
+            tx.send_replace(next);
+        }
+    });
+    rx
+}
