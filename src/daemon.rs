@@ -68,6 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         config.budget.sample_every,
         shutdown.clone(),
     );
+    tokio::spawn(apply_threads(budget.clone(), model.clone()));
     let dispatcher = Dispatcher::new(
         Arc::new(engine),
         DispatchOptions {
@@ -162,6 +163,24 @@ async fn load(
             }
             _ = tick.tick() => notify.extend_timeout(START_EXTENSION),
             _ = shutdown.cancelled() => return Ok(None),
+        }
+    }
+}
+
+/// Applies the governor's thread count to the engine (from the next forward pass on).
+async fn apply_threads(
+    mut budget: tokio::sync::watch::Receiver<governor::Budget>,
+    model: Arc<Model>,
+) {
+    loop {
+        let wanted = budget.borrow_and_update().directive.threads;
+        let before = model.threads();
+        let now = model.set_threads(wanted);
+        if now != before {
+            log::warn!(threads = now, was = before; "inference threads changed by the governor");
+        }
+        if budget.changed().await.is_err() {
+            return;
         }
     }
 }

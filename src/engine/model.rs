@@ -1,10 +1,12 @@
 //! A loaded model: the optimized tract plan, the tokenizer and the metadata, immutable and shared as
-//! `Arc<Model>` by every session.
+//! `Arc<Model>` by every session (only the thread count in use may change, see [`Model::set_threads`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokenizers::Tokenizer;
+use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_core::transform::get_transform;
@@ -49,7 +51,10 @@ pub struct Model {
     pub(crate) slots: InputSlots,
     chat: Option<ChatTemplate>,
     inplace_kv_layers: usize,
-    threads: usize,
+    /// Threads in use now (one of `executors`).
+    threads: AtomicUsize,
+    /// (threads, executor), the configured count first.
+    executors: Vec<(usize, Executor)>,
 }
 
 impl Model {
@@ -93,17 +98,15 @@ impl Model {
             .filter(|n| n.op_is::<InPlaceKvSdpa>())
             .count();
         let slots = input_slots(&typed).map_err(err)?;
-        let executor = if opts.threads == 1 {
-            tract_linalg::multithread::Executor::SingleThread
-        } else {
-            tract_linalg::multithread::Executor::multithread(opts.threads)
-        };
-        let run = RunOptions {
-            executor: Some(executor),
-            ..Default::default()
-        };
+        // The plan has no executor of its own: each run picks one of these (see `Model::executor`), so that the
+        // governor can lower the thread count while the model stays loaded.
+        let mut executors = vec![(opts.threads, executor(opts.threads))];
+        if opts.threads > 1 {
+            let half = opts.threads / 2;
+            executors.push((half, executor(half)));
+        }
         let plan = typed
-            .into_runnable_with_options(&run)
+            .into_runnable_with_options(&RunOptions::default())
             .map_err(|e| err(format!("{e:#}")))?;
         log::info!(
             model = meta.name.as_str(), layers = meta.architecture.layers, threads = opts.threads,
@@ -117,7 +120,8 @@ impl Model {
             slots,
             chat,
             inplace_kv_layers,
-            threads: opts.threads,
+            threads: AtomicUsize::new(opts.threads),
+            executors,
         }))
     }
 
@@ -134,7 +138,35 @@ impl Model {
 
     /// Threads used for matrix products.
     pub fn threads(&self) -> usize {
-        self.threads
+        self.threads.load(Ordering::Relaxed)
+    }
+
+    /// The most threads loaded for this model (what [`LoadOptions`] asked for).
+    pub fn max_threads(&self) -> usize {
+        self.executors[0].0
+    }
+
+    /// Uses the largest prepared thread count not above `n` (at least the smallest) from the next forward pass
+    /// on; returns the count now in use.
+    pub fn set_threads(&self, n: usize) -> usize {
+        let chosen = self
+            .executors
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|&t| t <= n)
+            .max()
+            .unwrap_or_else(|| self.executors.iter().map(|(t, _)| *t).min().unwrap_or(1));
+        self.threads.store(chosen, Ordering::Relaxed);
+        chosen
+    }
+
+    /// The executor for the current thread count.
+    pub(crate) fn executor(&self) -> Executor {
+        let n = self.threads();
+        self.executors
+            .iter()
+            .find(|(t, _)| *t == n)
+            .map_or(Executor::SingleThread, |(_, e)| e.clone())
     }
 
     /// Tokenizes text. `special` adds the tokenizer's special tokens (BOS), as transformers' `tokenizer(text)`.
@@ -194,6 +226,15 @@ impl Model {
             self.meta.context_length,
             &self.meta.stop_token_ids,
         )
+    }
+}
+
+/// One thread runs on the calling thread: tract's `multithread(1)` would use rayon's global pool.
+fn executor(threads: usize) -> Executor {
+    if threads <= 1 {
+        Executor::SingleThread
+    } else {
+        Executor::multithread_with_name(threads, &format!("bitnetd-mm{threads}"))
     }
 }
 

@@ -149,7 +149,11 @@ impl Session {
         inputs[slots.input_ids] = t(&[1, n], ids.iter().map(|&i| i as i64).collect())?.into();
         inputs[slots.attention_mask] = t(&[1, total], vec![1; total])?.into();
         inputs[slots.position_ids] = t(&[1, n], (self.past as i64..total as i64).collect())?.into();
-        let out = self.state.run(inputs).map_err(EngineError::inference)?;
+        let state = &mut self.state;
+        let out = tract_linalg::multithread::multithread_tract_scope(self.model.executor(), || {
+            state.run(inputs)
+        })
+        .map_err(EngineError::inference)?;
         self.past = total;
         let logits = out[0]
             .to_plain_array_view::<f32>()

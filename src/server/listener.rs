@@ -81,19 +81,18 @@ fn create(cfg: &SocketConfig) -> Result<Listener, ServerError> {
         message: format!("{what}: {e}"),
     };
     remove_stale(path)?;
-    let socket = tokio::net::UnixListener::bind(path).map_err(|e| err("binding", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.mode))
-        .map_err(|e| err("setting its mode", e))?;
-    if let Some(group) = &cfg.group {
-        let gid = nix::unistd::Group::from_name(group)
-            .map_err(|e| err("looking up its group", e.into()))?
-            .ok_or_else(|| ServerError::Socket {
-                path: path.clone(),
-                message: format!("group {group:?} does not exist ([socket] group)"),
-            })?
-            .gid;
-        std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
-            .map_err(|e| err(&format!("giving it to group {group:?}"), e))?;
+    // Bound under a temporary name, given its mode and group, then renamed into place: nobody can connect to
+    // it before its permissions are right.
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let socket = tokio::net::UnixListener::bind(&tmp).map_err(|e| err("binding", e))?;
+    let prepared = prepare(&tmp, cfg)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| err("moving it into place", e)));
+    if let Err(e) = prepared {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     let meta = std::fs::symlink_metadata(path).map_err(|e| err("reading it back", e))?;
     Ok(Listener {
@@ -102,6 +101,28 @@ fn create(cfg: &SocketConfig) -> Result<Listener, ServerError> {
         activated: false,
         owned: Some((path.clone(), meta.dev(), meta.ino())),
     })
+}
+
+/// Gives the socket file at `file` the configured mode and group.
+fn prepare(file: &Path, cfg: &SocketConfig) -> Result<(), ServerError> {
+    let err = |what: &str, e: std::io::Error| ServerError::Socket {
+        path: cfg.path.clone(),
+        message: format!("{what}: {e}"),
+    };
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(cfg.mode))
+        .map_err(|e| err("setting its mode", e))?;
+    if let Some(group) = &cfg.group {
+        let gid = nix::unistd::Group::from_name(group)
+            .map_err(|e| err("looking up its group", e.into()))?
+            .ok_or_else(|| ServerError::Socket {
+                path: cfg.path.clone(),
+                message: format!("group {group:?} does not exist ([socket] group)"),
+            })?
+            .gid;
+        std::os::unix::fs::chown(file, None, Some(gid.as_raw()))
+            .map_err(|e| err(&format!("giving it to group {group:?}"), e))?;
+    }
+    Ok(())
 }
 
 /// Removes a socket file nobody listens on (a crash leftover). A live socket means another bitnetd runs there;
