@@ -2,20 +2,20 @@
 //! validates through the [`Backend`], queues, and turns engine events into [`Reply`]s, exactly one terminal
 //! reply per accepted request. It also keeps the counters that `status` reports and drains on shutdown.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::engine::{
     Backend, CancelToken, GenerateParams, Generation, JobEvent, JobHandle, JobOptions, Prompt,
     SamplingParams,
 };
 use crate::governor::Budget;
+use crate::inflight::InFlight;
 use crate::protocol::{Done, ErrorCode, Id, Reply, Request, Served, Timing, Usage, WireError};
 use crate::router::{self, CloudState, Decision, RouteRequest};
 
@@ -155,8 +155,7 @@ pub struct Dispatcher {
     opts: DispatchOptions,
     started: Instant,
     counters: Mutex<Counters>,
-    in_flight: Mutex<HashMap<u64, CancelToken>>,
-    idle: Notify,
+    in_flight: InFlight<u64>,
     next_seq: AtomicU64,
     draining: AtomicBool,
 }
@@ -168,8 +167,7 @@ impl Dispatcher {
             opts,
             started: Instant::now(),
             counters: Mutex::default(),
-            in_flight: Mutex::default(),
-            idle: Notify::new(),
+            in_flight: InFlight::default(),
             next_seq: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         })
@@ -241,7 +239,7 @@ impl Dispatcher {
             .map_err(|e| WireError::from(&e))?;
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let cancel = job.cancel.clone();
-        self.in_flight.lock().unwrap().insert(seq, cancel.clone());
+        self.in_flight.insert(seq, cancel.clone());
         self.counters.lock().unwrap().accepted += 1;
         log::info!(id:% = req.id, source = origin.source, route = "local", prompt_tokens, stream = req.stream;
             "request accepted");
@@ -311,7 +309,7 @@ impl Dispatcher {
 
     /// Requests accepted and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.lock().unwrap().len()
+        self.in_flight.len()
     }
 
     /// From now on new requests are refused with `shutting_down`; accepted ones go on.
@@ -321,22 +319,12 @@ impl Dispatcher {
 
     /// Cancels every request in flight; each still gets its terminal reply (`cancelled`).
     pub fn cancel_all(&self) {
-        for c in self.in_flight.lock().unwrap().values() {
-            c.cancel();
-        }
+        self.in_flight.cancel_all();
     }
 
     /// Resolves when no request is in flight.
     pub async fn idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.in_flight() == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.in_flight.empty().await;
     }
 
     /// True when every engine slot lives and none is stuck.
@@ -406,11 +394,7 @@ impl Dispatcher {
                 Err(()) => c.failed += 1,
             }
         }
-        let mut in_flight = self.in_flight.lock().unwrap();
-        in_flight.remove(&seq);
-        if in_flight.is_empty() {
-            self.idle.notify_waiters();
-        }
+        self.in_flight.remove(&seq);
     }
 }
 

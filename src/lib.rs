@@ -12,6 +12,7 @@
 //! - [`protocol`]: the JSON wire format and error codes shared by every source.
 //! - [`router`]: where a request runs, as a pure function.
 //! - [`dispatch`]: from parsed requests to engine jobs and replies; status counters; draining.
+//! - [`inflight`]: the set of requests in flight (by key, cancellable, awaitable until empty).
 //! - [`server`]: the Unix socket API (listener, connections, line reading).
 //! - [`mqtt`]: the MQTT interface (network loop, and the pure addressing/dedup/backoff rules).
 //! - [`budget`]: memory estimates and the process's resident size.
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod export;
 pub mod governor;
 pub mod hf;
+pub mod inflight;
 pub mod logging;
 pub mod meta;
 pub mod mqtt;

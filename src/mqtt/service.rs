@@ -2,8 +2,7 @@
 //! status current, turn request messages into dispatcher work, and publish the replies: tokens at QoS 0, the
 //! terminal reply at QoS 1.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,12 +13,11 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use rumqttc::Outgoing;
 use serde_json::{json, Value};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 use crate::dispatch::{Dispatcher, Origin, Ticket};
-use crate::engine::CancelToken;
+use crate::inflight::InFlight;
 use crate::protocol::{self, ErrorCode, Incoming, Reply, WireError};
 
 use super::addressing::{backoff, reply_address, request_key, Dedup, ReplyAddress, ReplyHints};
@@ -46,8 +44,7 @@ struct Shared {
     cfg: MqttConfig,
     client: AsyncClient,
     dispatcher: Arc<Dispatcher>,
-    in_flight: Mutex<HashMap<String, CancelToken>>,
-    changed: Notify,
+    in_flight: InFlight<String>,
 }
 
 impl Mqtt {
@@ -61,8 +58,7 @@ impl Mqtt {
                 cfg,
                 client,
                 dispatcher,
-                in_flight: Mutex::default(),
-                changed: Notify::new(),
+                in_flight: InFlight::default(),
             }),
             events,
         })
@@ -120,7 +116,7 @@ impl Mqtt {
                         }
                         if stop.is_cancelled() && !connected {
                             // Nothing can be published; the broker already shows the Last Will.
-                            shared.cancel_all();
+                            shared.in_flight.cancel_all();
                             return;
                         }
                     }
@@ -139,7 +135,7 @@ impl Mqtt {
                         shared.publish_status(status_payload(cfg, &shared.dispatcher, "draining"));
                     }
                 }
-                _ = shared.idle(), if stopping => break,
+                _ = shared.in_flight.empty(), if stopping => break,
             }
         }
         shared.publish_status(status_payload(cfg, &shared.dispatcher, "offline"));
@@ -202,14 +198,7 @@ impl Shared {
             },
             Incoming::Cancel { .. } => {
                 if let Some(a) = addr {
-                    if let Some(c) = self
-                        .in_flight
-                        .lock()
-                        .unwrap()
-                        .get(&request_key(&a, &id_text))
-                    {
-                        c.cancel();
-                    }
+                    self.in_flight.cancel(&request_key(&a, &id_text));
                 }
             }
             Incoming::Request(req) => {
@@ -222,7 +211,7 @@ impl Shared {
                     return;
                 }
                 let id = req.id.clone();
-                if self.in_flight.lock().unwrap().len() >= self.cfg.max_in_flight {
+                if self.in_flight.len() >= self.cfg.max_in_flight {
                     dedup.forget(&key);
                     let mut e = WireError::new(
                         ErrorCode::Busy,
@@ -241,10 +230,7 @@ impl Shared {
                 };
                 match self.dispatcher.submit(*req, origin) {
                     Ok(ticket) => {
-                        self.in_flight
-                            .lock()
-                            .unwrap()
-                            .insert(key.clone(), ticket.cancel_token());
+                        self.in_flight.insert(key.clone(), ticket.cancel_token());
                         tokio::spawn(self.clone().forward(ticket, addr, key));
                     }
                     Err(e) => {
@@ -284,8 +270,7 @@ impl Shared {
             }
             self.try_send(&addr, &reply, QoS::AtMostOnce);
         }
-        self.in_flight.lock().unwrap().remove(&key);
-        self.changed.notify_waiters();
+        self.in_flight.remove(&key);
     }
 
     fn try_send(&self, addr: &ReplyAddress, reply: &Reply, qos: QoS) {
@@ -358,24 +343,6 @@ impl Shared {
             ) {
                 log::warn!("MQTT discovery not published: {e}");
             }
-        }
-    }
-
-    fn cancel_all(&self) {
-        for c in self.in_flight.lock().unwrap().values() {
-            c.cancel();
-        }
-    }
-
-    async fn idle(&self) {
-        loop {
-            let n = self.changed.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.in_flight.lock().unwrap().is_empty() {
-                return;
-            }
-            n.await;
         }
     }
 }

@@ -3,18 +3,17 @@
 //! connection stays usable. After the client's end of stream the connection answers what is in flight and then
 //! closes; when the client is gone entirely (hang-up, failed write) its requests are cancelled.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{Dispatcher, Origin, Ticket};
-use crate::engine::CancelToken;
+use crate::inflight::InFlight;
 use crate::protocol::{self, ErrorCode, Id, Incoming, Reply, WireError};
 
 use super::lines::{Line, LineReader};
@@ -29,44 +28,9 @@ pub struct ConnectionLimits {
     pub max_requests: usize,
 }
 
-/// The requests in flight on one connection, by id.
-#[derive(Default)]
-struct InFlight {
-    by_id: Mutex<HashMap<String, CancelToken>>,
-    changed: Notify,
-}
-
-impl InFlight {
-    fn key(id: &Id) -> String {
-        id.to_string()
-    }
-
-    fn len(&self) -> usize {
-        self.by_id.lock().unwrap().len()
-    }
-
-    fn cancel_all(&self) {
-        for c in self.by_id.lock().unwrap().values() {
-            c.cancel();
-        }
-    }
-
-    fn remove(&self, id: &Id) {
-        self.by_id.lock().unwrap().remove(&InFlight::key(id));
-        self.changed.notify_waiters();
-    }
-
-    async fn empty(&self) {
-        loop {
-            let n = self.changed.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.len() == 0 {
-                return;
-            }
-            n.await;
-        }
-    }
+/// A request's key on its connection: its id as JSON text (so `"7"` and `7` differ).
+fn key(id: &Id) -> String {
+    id.to_string()
 }
 
 /// How often a half-closed connection is checked for the client having gone entirely.
@@ -94,7 +58,7 @@ pub async fn serve(
             let _ = wr.shutdown().await;
         })
     };
-    let in_flight = Arc::new(InFlight::default());
+    let in_flight = Arc::new(InFlight::<String>::default());
     let mut reader = LineReader::new(rd, limits.max_line_bytes);
     // Reading: until end of stream, the client going away, or shutdown with nothing left in flight.
     let mut reading = true;
@@ -138,7 +102,7 @@ async fn hung_up(rd: &OwnedReadHalf) {
 async fn handle(
     line: Line,
     dispatcher: &Arc<Dispatcher>,
-    in_flight: &Arc<InFlight>,
+    in_flight: &Arc<InFlight<String>>,
     out: &mpsc::Sender<Reply>,
     limits: ConnectionLimits,
 ) {
@@ -168,21 +132,17 @@ async fn handle(
                 .send(Reply::Status(Box::new(dispatcher.status(id))))
                 .await;
         }
-        Ok(Incoming::Cancel { id }) => {
-            if let Some(c) = in_flight.by_id.lock().unwrap().get(&InFlight::key(&id)) {
-                c.cancel();
-            }
-        }
+        Ok(Incoming::Cancel { id }) => in_flight.cancel(&key(&id)),
         Ok(Incoming::Request(req)) => {
-            let key = InFlight::key(&req.id);
+            // Only this task adds to this connection's set, so the checks below still hold at the insert.
+            let k = key(&req.id);
             let refuse = {
-                let map = in_flight.by_id.lock().unwrap();
-                if map.contains_key(&key) {
+                if in_flight.contains(&k) {
                     Some(WireError::new(
                         ErrorCode::BadRequest,
                         "a request with this id is in flight",
                     ))
-                } else if map.len() >= limits.max_requests {
+                } else if in_flight.len() >= limits.max_requests {
                     let mut e = WireError::new(
                         ErrorCode::Busy,
                         format!(
@@ -211,11 +171,7 @@ async fn handle(
                     let _ = out.send(e.into()).await;
                 }
                 Ok(ticket) => {
-                    in_flight
-                        .by_id
-                        .lock()
-                        .unwrap()
-                        .insert(key, ticket.cancel_token());
+                    in_flight.insert(k, ticket.cancel_token());
                     tokio::spawn(forward(ticket, id, in_flight.clone(), out.clone()));
                 }
             }
@@ -224,14 +180,19 @@ async fn handle(
 }
 
 /// Copies one request's replies to the connection's writer.
-async fn forward(mut ticket: Ticket, id: Id, in_flight: Arc<InFlight>, out: mpsc::Sender<Reply>) {
+async fn forward(
+    mut ticket: Ticket,
+    id: Id,
+    in_flight: Arc<InFlight<String>>,
+    out: mpsc::Sender<Reply>,
+) {
     while let Some(reply) = ticket.replies.recv().await {
         let terminal = reply.is_terminal();
         if terminal {
             // Free the id before the client can see the answer, so that it may reuse the id at once. The
             // writer outlives this task (it ends when every sender, this one included, is dropped), so the
             // terminal reply is still written.
-            in_flight.remove(&id);
+            in_flight.remove(&key(&id));
         }
         if out.send(reply).await.is_err() {
             ticket.cancel();
@@ -240,5 +201,5 @@ async fn forward(mut ticket: Ticket, id: Id, in_flight: Arc<InFlight>, out: mpsc
             return;
         }
     }
-    in_flight.remove(&id);
+    in_flight.remove(&key(&id));
 }
