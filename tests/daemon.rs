@@ -572,3 +572,66 @@ fn memory_pressure_refuses_new_local_work_with_a_hint() {
     c.send(&json!({"id": "m2", "prompt": "A dog is", "max_tokens": 3}));
     assert_eq!(c.finish(&json!("m2")).1["type"], "done");
 }
+
+/// Peak resident size of process `pid` (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn a_flood_stays_under_the_memory_budget_and_every_request_is_answered() {
+    let budget: u64 = 160 << 20;
+    let d = Daemon::start(&format!(
+        "[engine]\nslots = 2\nqueue = 4\n[socket]\nmax_requests_per_connection = 64\n[budget]\nmemory_bytes = {budget}\n"
+    ));
+    let per_conn = 50;
+    let handles: Vec<_> = (0..4)
+        .map(|conn| {
+            let mut c = d.connect();
+            std::thread::spawn(move || {
+                let mut batch = String::new();
+                for i in 0..per_conn {
+                    let q = long(&format!("c{conn}-{i}"), 200);
+                    batch += &format!("{q}\n");
+                }
+                c.send_raw(batch.as_bytes());
+                let mut terminal = std::collections::HashSet::new();
+                while terminal.len() < per_conn {
+                    let r = c.recv();
+                    if r["type"] == "done" || r["type"] == "error" {
+                        if r["type"] == "error" {
+                            assert_eq!(r["code"], "busy", "{r}");
+                        }
+                        assert!(
+                            terminal.insert(r["id"].to_string()),
+                            "two terminal replies: {r}"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let peak = peak_rss(d.child.id());
+    eprintln!("peak RSS under the flood: {} MiB", peak >> 20);
+    assert!(
+        peak < budget,
+        "peak RSS {} MiB over the {} MiB budget",
+        peak >> 20,
+        budget >> 20
+    );
+    let s = d.connect().status();
+    assert_eq!(s["requests"]["in_flight"], 0);
+    let answered =
+        s["requests"]["served"].as_u64().unwrap() + s["requests"]["rejected"].as_u64().unwrap();
+    assert_eq!(answered, 4 * per_conn as u64, "{s}");
+}
