@@ -68,6 +68,42 @@ fn mib(b: u64) -> String {
     format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
+/// What the dispatcher needs to reserve KV memory per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvModel {
+    /// Weights plus runtime overhead: resident whatever runs.
+    pub base: u64,
+    /// KV cache bytes per token of one sequence.
+    pub per_token: u64,
+    /// Sequences that run at once.
+    pub slots: usize,
+}
+
+impl KvModel {
+    pub fn for_estimate(e: &MemoryEstimate, context: usize) -> KvModel {
+        KvModel {
+            base: e.weights + e.overhead,
+            per_token: e.kv_per_slot / context.max(1) as u64,
+            slots: e.slots,
+        }
+    }
+
+    /// Whether a request needing `new` bytes of KV cache fits `budget` next to the `reserved` ones: at most
+    /// `slots` sequences run at once, so the worst case is the `slots` largest reservations. `Err` carries the
+    /// bytes that would be needed.
+    pub fn admits(&self, budget: u64, reserved: &[u64], new: u64) -> Result<(), u64> {
+        let mut all: Vec<u64> = reserved.iter().copied().chain([new]).collect();
+        all.sort_unstable_by(|a, b| b.cmp(a));
+        let worst: u64 = all.iter().take(self.slots.max(1)).sum();
+        let needed = self.base + worst;
+        if needed <= budget {
+            Ok(())
+        } else {
+            Err(needed)
+        }
+    }
+}
+
 /// The resident set size of this process, from `/proc/self/status` (`None` where there is no procfs).
 pub fn process_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -98,6 +134,33 @@ mod tests {
         assert!(
             msg.contains("memory_bytes") && msg.contains("slots"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn kv_reservations_count_only_the_largest_that_can_run_at_once() {
+        let m = KvModel {
+            base: 100,
+            per_token: 1,
+            slots: 2,
+        };
+        assert_eq!(m.admits(300, &[], 200), Ok(()));
+        assert_eq!(
+            m.admits(300, &[150], 100),
+            Err(350),
+            "two slots: 150 + 100 run together"
+        );
+        assert_eq!(
+            m.admits(300, &[10, 10, 10, 10], 150),
+            Ok(()),
+            "queued small ones do not add up"
+        );
+        assert_eq!(m.admits(300, &[], 201), Err(301), "never fits, even alone");
+        let one = KvModel { slots: 1, ..m };
+        assert_eq!(
+            one.admits(300, &[200], 200),
+            Ok(()),
+            "one slot: they run one after the other"
         );
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::KvModel;
 use crate::config::{Config, ConfigError};
 use crate::dispatch::{DispatchOptions, Dispatcher};
 use crate::engine::{Engine, EngineError, EngineOptions, LoadOptions, Model};
@@ -78,6 +79,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             memory_budget: config.budget.memory_bytes,
             rss_before_model,
             budget: Some(budget),
+            kv: Some(KvModel::for_estimate(&estimate, meta.context_length)),
         },
     );
 

@@ -2,6 +2,7 @@
 //! validates through the [`Backend`], queues, and turns engine events into [`Reply`]s, exactly one terminal
 //! reply per accepted request. It also keeps the counters that `status` reports and drains on shutdown.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 
+use crate::budget::KvModel;
 use crate::engine::{
     Backend, CancelToken, GenerateParams, Generation, JobEvent, JobHandle, JobOptions, Prompt,
     SamplingParams,
@@ -34,6 +36,8 @@ pub struct DispatchOptions {
     pub rss_before_model: Option<u64>,
     /// The governor's current view; `None` runs ungoverned (tests of the engine alone).
     pub budget: Option<watch::Receiver<Budget>>,
+    /// How much KV cache a request reserves; `None` reserves nothing.
+    pub kv: Option<KvModel>,
 }
 
 /// Where and when a request came in.
@@ -156,6 +160,8 @@ pub struct Dispatcher {
     started: Instant,
     counters: Mutex<Counters>,
     in_flight: InFlight<u64>,
+    /// KV bytes reserved by each accepted local request, by sequence number.
+    reservations: Mutex<HashMap<u64, u64>>,
     next_seq: AtomicU64,
     draining: AtomicBool,
 }
@@ -168,6 +174,7 @@ impl Dispatcher {
             started: Instant::now(),
             counters: Mutex::default(),
             in_flight: InFlight::default(),
+            reservations: Mutex::default(),
             next_seq: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         })
@@ -228,6 +235,8 @@ impl Dispatcher {
             .or(self.opts.default_deadline)
             .map(|d| received + d);
         let prompt_tokens = validated.prompt_ids().len();
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.reserve(seq, prompt_tokens + validated.max_new_tokens())?;
         let job = backend
             .submit(
                 validated,
@@ -236,8 +245,10 @@ impl Dispatcher {
                     start_by: origin.start_by,
                 },
             )
-            .map_err(|e| WireError::from(&e))?;
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            .map_err(|e| {
+                self.reservations.lock().unwrap().remove(&seq);
+                WireError::from(&e)
+            })?;
         let cancel = job.cancel.clone();
         self.in_flight.insert(seq, cancel.clone());
         self.counters.lock().unwrap().accepted += 1;
@@ -258,6 +269,41 @@ impl Dispatcher {
         };
         tokio::spawn(pump.run(job));
         Ok(Ticket { replies, cancel })
+    }
+
+    /// Reserves the KV cache of a request of `tokens` (prompt + most generated) against the memory budget (the
+    /// governor's, which a cgroup limit may lower), or refuses it with `over_budget`.
+    fn reserve(&self, seq: u64, tokens: usize) -> Result<(), WireError> {
+        let Some(kv) = self.opts.kv else {
+            return Ok(());
+        };
+        let budget = match &self.opts.budget {
+            Some(b) => b.borrow().state.memory_budget,
+            None => self.opts.memory_budget,
+        };
+        let new = kv.per_token * tokens as u64;
+        let mut reservations = self.reservations.lock().unwrap();
+        let reserved: Vec<u64> = reservations.values().copied().collect();
+        if let Err(needed) = kv.admits(budget, &reserved, new) {
+            let mib = |b: u64| b >> 20;
+            let mut e = WireError::new(
+                ErrorCode::OverBudget,
+                format!(
+                    "{tokens} tokens need {} MiB of KV cache; with the work in flight that is {} MiB of a {} MiB \
+                     memory budget: lower max_tokens or retry later",
+                    mib(new).max(1),
+                    mib(needed),
+                    mib(budget)
+                ),
+            );
+            // Worth retrying only if it fits once the board is idle.
+            if kv.admits(budget, &[], new).is_ok() {
+                e.retry_after_ms = Some(1000);
+            }
+            return Err(e);
+        }
+        reservations.insert(seq, new);
+        Ok(())
     }
 
     /// Refuses local work while the governor says the board cannot take it (too hot, memory pressure).
@@ -394,6 +440,7 @@ impl Dispatcher {
                 Err(()) => c.failed += 1,
             }
         }
+        self.reservations.lock().unwrap().remove(&seq);
         self.in_flight.remove(&seq);
     }
 }

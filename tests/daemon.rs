@@ -635,3 +635,38 @@ fn a_flood_stays_under_the_memory_budget_and_every_request_is_answered() {
         s["requests"]["served"].as_u64().unwrap() + s["requests"]["rejected"].as_u64().unwrap();
     assert_eq!(answered, 4 * per_conn as u64, "{s}");
 }
+
+#[test]
+fn a_cgroup_limit_below_the_budget_refuses_requests_whose_kv_cache_cannot_fit() {
+    // The default model: weights (model.onnx + data) + 64 MiB runtime, then 3 KiB of KV cache per token.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    let size = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+    let base = size("model.onnx") + size("model.onnx.data") + (64 << 20);
+    let limit = base + (3 << 19);
+    let d = Daemon::start("[budget]\nsample_ms = 50\n");
+    let board = d.board();
+    std::fs::create_dir_all(board.join("proc/self")).unwrap();
+    std::fs::write(board.join("proc/self/cgroup"), "0::/bitnetd.service\n").unwrap();
+    std::fs::create_dir_all(board.join("sys/fs/cgroup/bitnetd.service")).unwrap();
+    std::fs::write(
+        board.join("sys/fs/cgroup/bitnetd.service/memory.max"),
+        format!("{limit}\n"),
+    )
+    .unwrap();
+    let mut c = d.connect();
+    let s = wait_for_budget(&mut c, |b| b["cgroup_limited"] == true);
+    assert_eq!(s["budget"]["memory_budget"], limit);
+
+    c.send(&json!({"id": "big", "prompt": "A dog is", "max_tokens": 1000}));
+    let (_, r) = c.finish(&json!("big"));
+    assert_eq!(r["code"], "over_budget", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("max_tokens"), "{r}");
+    assert!(
+        r.get("retry_after_ms").is_none(),
+        "it would never fit: no retry hint: {r}"
+    );
+
+    c.send(&json!({"id": "small", "prompt": "A dog is", "max_tokens": 100}));
+    let (_, r) = c.finish(&json!("small"));
+    assert_eq!(r["type"], "done", "{r}");
+}
