@@ -104,12 +104,9 @@ impl KvModel {
     }
 }
 
-/// The resident set size of this process, from `/proc/self/status` (`None` where there is no procfs).
+/// The resident set size of this process (`None` where there is no procfs).
 pub fn process_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    crate::governor::telemetry::Telemetry::new("/").rss_bytes()
 }
 
 #[cfg(test)]

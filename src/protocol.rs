@@ -132,14 +132,15 @@ pub fn parse_value(value: serde_json::Value) -> Result<Incoming, WireError> {
     let obj = value
         .as_object()
         .ok_or_else(|| WireError::new(ErrorCode::BadRequest, "expected a JSON object"))?;
-    let id = obj.get("id").cloned().filter(|id| check_id(id).is_ok());
+    // An unusable id fails here, with no id in the error (there is none to match it to).
+    let id = match obj.get("id") {
+        Some(raw) => Some(check_id(raw).map(|()| raw.clone())?),
+        None => None,
+    };
     let with_id = |e: WireError| WireError {
         id: id.clone(),
         ..e
     };
-    if let Some(raw) = obj.get("id") {
-        check_id(raw).map_err(with_id)?;
-    }
     let bad = |e: serde_json::Error| with_id(WireError::new(ErrorCode::BadRequest, e.to_string()));
     if obj.contains_key("cmd") {
         let m: CommandMsg = serde_json::from_value(value).map_err(bad)?;

@@ -124,17 +124,12 @@ fn run_without_a_config_file_uses_the_default_model_and_the_runtime_directory() 
     let status = Client::connect(&socket).status();
     assert_eq!(status["model"], "bitnet-b1.58-wordnet-5m");
     // `bitnetd ask` and `bitnetd status` find the same socket the same way.
-    let out = bitnetd()
-        .args(["ask", "--max-tokens", "8", "What is a dog?"])
-        .env("RUNTIME_DIRECTORY", dir.path())
-        .env_remove("BITNETD_SOCKET")
-        .env_remove("BITNETD_CONFIG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        bitnetd()
+            .args(["ask", "--max-tokens", "8", "What is a dog?"])
+            .env("RUNTIME_DIRECTORY", dir.path())
+            .env_remove("BITNETD_SOCKET")
+            .env_remove("BITNETD_CONFIG"),
     );
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("via local"));

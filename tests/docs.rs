@@ -32,18 +32,10 @@ fn the_python_example_streams_an_answer() {
     }
     let d = Daemon::start("");
     let [script] = blocks("python").try_into().expect("one Python example");
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(&script)
-        .env("BITNETD_SOCKET", &d.socket)
-        .output()
-        .unwrap();
+    let cmd = &mut Command::new("python3");
+    cmd.arg("-c").arg(&script).env("BITNETD_SOCKET", &d.socket);
+    let out = common::run_ok(cmd);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(stdout.contains(" tokens]"), "{stdout}");
     assert!(stdout.split_whitespace().count() > 3, "{stdout}");
 }
@@ -55,17 +47,9 @@ fn the_socat_example_gets_one_done_line() {
     }
     let d = Daemon::start("");
     let [script] = blocks("sh").try_into().expect("one shell example");
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(&script)
-        .env("BITNETD_SOCKET", &d.socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let cmd = &mut Command::new("sh");
+    cmd.arg("-c").arg(&script).env("BITNETD_SOCKET", &d.socket);
+    let out = common::run_ok(cmd);
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reply["type"], "done", "{reply}");
     assert!(!reply["text"].as_str().unwrap().is_empty());

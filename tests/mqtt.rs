@@ -472,15 +472,10 @@ fn a_broker_restart_mid_stream_ends_in_an_answer_not_a_hang() {
 
 /// Runs `openssl` with `args` in `dir`.
 fn openssl(dir: &std::path::Path, args: &str) {
-    let out = std::process::Command::new("openssl")
-        .args(args.split_whitespace())
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        std::process::Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(dir),
     );
 }
 

@@ -17,15 +17,23 @@ pub fn bitnetd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bitnetd"))
 }
 
-/// Runs a `generate --json` command, checks that it succeeded and returns its JSON line.
-pub fn run_json(cmd: &mut Command) -> serde_json::Value {
-    let out = cmd.output().expect("running bitnetd");
+/// Runs `cmd`, checks that it succeeded (showing its output if not) and returns its output.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "{}",
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+    out
+}
+
+/// Runs a `generate --json` command, checks that it succeeded and returns its JSON line.
+pub fn run_json(cmd: &mut Command) -> serde_json::Value {
+    serde_json::from_slice(&run_ok(cmd).stdout).expect("one JSON object on stdout")
 }
 
 /// How long a test waits for the daemon before failing.
