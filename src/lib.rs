@@ -5,6 +5,7 @@
 //! - [`onnx`]: writing the ONNX graph (builder, BitNet decoder).
 //! - [`export`]: `bitnetd export`, checkpoint directory to model directory.
 //! - [`meta`]: `bitnetd.json`, the metadata beside the ONNX file.
+//! - [`kernels`]: int8 × 2-bit ternary and int8 × int8 products (scalar, AVX2, NEON, NEON dotprod).
 //! - [`engine`]: loading a model, sessions with their KV cache, sampling, chat templates, the engine thread.
 //! - [`default_model`]: where the shipped default model lives.
 //! - [`config`]: the TOML configuration, raw then validated.
@@ -31,6 +32,7 @@ pub mod export;
 pub mod governor;
 pub mod hf;
 pub mod inflight;
+pub mod kernels;
 pub mod logging;
 pub mod meta;
 pub mod mqtt;

@@ -1,0 +1,150 @@
+//! aarch64 NEON kernels, with and without the dot-product extension.
+//!
+//! A block's 32 bytes are two 16-byte loads; shifting each by 0, 2, 4, 6 and masking gives eight vectors of codes
+//! lined up with the eight 16-byte slices of the block's activations (see [`super::pack`]).
+//!
+//! - Without `dotprod` (Cortex-A72, Pi 4): `smull`/`smlal2` into i16, each lane summing 16 products of at most
+//!   2·128 per block (≤ 4096), widened once per block with `sadalp`. The int8 kernel widens every product
+//!   (`smull`, `smull2`, `sadalp`) since two -128·-128 products already overflow i16.
+//! - With `dotprod` (Cortex-A76, Pi 5): `sdot`, through `asm!` because `vdotq_s32` is not stable Rust. Only the
+//!   `*_sdot` functions contain it, and they are only called when `dotprod` was detected at run time.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::pack::{BLOCK, BLOCK_BYTES};
+
+/// The eight code vectors of the block at `p`, in activation order (16 columns each).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn unpack(p: *const u8) -> [int8x16_t; 8] {
+    let mask = vdupq_n_u8(3);
+    // SAFETY: the caller guarantees 32 readable bytes at `p`.
+    let (lo, hi) = unsafe { (vld1q_u8(p), vld1q_u8(p.add(16))) };
+    let c = |v: uint8x16_t| vreinterpretq_s8_u8(vandq_u8(v, mask));
+    [
+        c(lo),
+        c(hi),
+        c(vshrq_n_u8::<2>(lo)),
+        c(vshrq_n_u8::<2>(hi)),
+        c(vshrq_n_u8::<4>(lo)),
+        c(vshrq_n_u8::<4>(hi)),
+        vreinterpretq_s8_u8(vshrq_n_u8::<6>(lo)),
+        vreinterpretq_s8_u8(vshrq_n_u8::<6>(hi)),
+    ]
+}
+
+/// `acc += a · b` lane-wise over groups of four bytes.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    // SAFETY: register-only instruction; `dotprod` is enabled for this function.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+/// # Safety
+/// `w` holds `blocks` blocks and every `x` at least `blocks * BLOCK` values.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn ternary_dot<const M: usize>(
+    w: &[u8],
+    xs: [&[i8]; M],
+    blocks: usize,
+) -> [i32; M] {
+    let mut acc = [vdupq_n_s32(0); M];
+    for b in 0..blocks {
+        let codes = unsafe { unpack(w.as_ptr().add(b * BLOCK_BYTES)) };
+        for m in 0..M {
+            let xp = xs[m][b * BLOCK..].as_ptr();
+            let mut s = vdupq_n_s16(0);
+            for (i, c) in codes.iter().enumerate() {
+                let x = unsafe { vld1q_s8(xp.add(16 * i)) };
+                s = vmlal_s8(s, vget_low_s8(*c), vget_low_s8(x));
+                s = vmlal_high_s8(s, *c, x);
+            }
+            acc[m] = vpadalq_s16(acc[m], s);
+        }
+    }
+    acc.map(|a| vaddvq_s32(a))
+}
+
+/// # Safety
+/// `dotprod` must be available; `w` holds `blocks` blocks and every `x` at least `blocks * BLOCK` values.
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn ternary_dot_sdot<const M: usize>(
+    w: &[u8],
+    xs: [&[i8]; M],
+    blocks: usize,
+) -> [i32; M] {
+    let mut acc = [vdupq_n_s32(0); M];
+    for b in 0..blocks {
+        let codes = unsafe { unpack(w.as_ptr().add(b * BLOCK_BYTES)) };
+        for m in 0..M {
+            let xp = xs[m][b * BLOCK..].as_ptr();
+            for (i, c) in codes.iter().enumerate() {
+                acc[m] = unsafe { sdot(acc[m], *c, vld1q_s8(xp.add(16 * i))) };
+            }
+        }
+    }
+    acc.map(|a| vaddvq_s32(a))
+}
+
+/// Adds the scalar tail past the last full 16 values.
+fn tail<const M: usize>(w: &[i8], xs: [&[i8]; M], from: usize, out: &mut [i32; M]) {
+    for m in 0..M {
+        out[m] += w[from..]
+            .iter()
+            .zip(&xs[m][from..])
+            .map(|(&a, &b)| a as i32 * b as i32)
+            .sum::<i32>();
+    }
+}
+
+/// # Safety
+/// Every `x` has `w.len()` values.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn int8_dot<const M: usize>(w: &[i8], xs: [&[i8]; M]) -> [i32; M] {
+    let full = w.len() / 16 * 16;
+    let mut acc = [vdupq_n_s32(0); M];
+    let mut i = 0;
+    while i < full {
+        let wv = unsafe { vld1q_s8(w.as_ptr().add(i)) };
+        for m in 0..M {
+            let x = unsafe { vld1q_s8(xs[m].as_ptr().add(i)) };
+            acc[m] = vpadalq_s16(acc[m], vmull_s8(vget_low_s8(wv), vget_low_s8(x)));
+            acc[m] = vpadalq_s16(acc[m], vmull_high_s8(wv, x));
+        }
+        i += 16;
+    }
+    let mut out = acc.map(|a| vaddvq_s32(a));
+    tail(w, xs, full, &mut out);
+    out
+}
+
+/// # Safety
+/// `dotprod` must be available; every `x` has `w.len()` values.
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn int8_dot_sdot<const M: usize>(w: &[i8], xs: [&[i8]; M]) -> [i32; M] {
+    let full = w.len() / 16 * 16;
+    let mut acc = [vdupq_n_s32(0); M];
+    let mut i = 0;
+    while i < full {
+        let wv = unsafe { vld1q_s8(w.as_ptr().add(i)) };
+        for m in 0..M {
+            acc[m] = unsafe { sdot(acc[m], wv, vld1q_s8(xs[m].as_ptr().add(i))) };
+        }
+        i += 16;
+    }
+    let mut out = acc.map(|a| vaddvq_s32(a));
+    tail(w, xs, full, &mut out);
+    out
+}

@@ -1,0 +1,263 @@
+//! Every kernel this CPU runs against a plain `i32` reference computed from unpacked values, on random and edge
+//! shapes and values. Run under qemu for aarch64 (see `.ci/run`), with and without `dotprod`.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
+
+use super::pack::{self, TernaryWeights};
+use super::*;
+
+/// `x · wᵀ` with plain integers: the reference.
+fn reference(w: &[i8], n: usize, k: usize, x: &[i8], m: usize) -> Vec<i32> {
+    let mut out = vec![0i32; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            out[r * n + c] = (0..k)
+                .map(|i| x[r * k + i] as i32 * w[c * k + i] as i32)
+                .sum();
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fill {
+    Random,
+    Zero,
+    Max,
+    Min,
+    Alternating,
+}
+
+fn values(rng: &mut SmallRng, len: usize, fill: Fill, lo: i8, hi: i8) -> Vec<i8> {
+    (0..len)
+        .map(|i| match fill {
+            Fill::Random => rng.random_range(lo..=hi),
+            Fill::Zero => 0,
+            Fill::Max => hi,
+            Fill::Min => lo,
+            Fill::Alternating => {
+                if i % 2 == 0 {
+                    lo
+                } else {
+                    hi
+                }
+            }
+        })
+        .collect()
+}
+
+const KS: [usize; 10] = [1, 5, 31, 127, 128, 129, 255, 256, 300, 2560];
+const NS: [usize; 6] = [1, 2, 3, 33, 65, 130];
+const MS: [usize; 6] = [1, 2, 3, 4, 5, 9];
+const FILLS: [Fill; 5] = [
+    Fill::Random,
+    Fill::Zero,
+    Fill::Max,
+    Fill::Min,
+    Fill::Alternating,
+];
+
+fn check_ternary(
+    kernel: Kernel,
+    rng: &mut SmallRng,
+    n: usize,
+    k: usize,
+    m: usize,
+    wf: Fill,
+    xf: Fill,
+) {
+    let w = values(rng, n * k, wf, -1, 1);
+    let x = values(rng, m * k, xf, i8::MIN, i8::MAX);
+    let packed = pack::pack(&w, n, k).unwrap();
+    let tw = TernaryWeights::new(&packed, n, k).unwrap();
+    let mut out = vec![0i32; m * n];
+    ternary_matmul(kernel, tw, &x, m, &mut out).unwrap();
+    assert_eq!(
+        out,
+        reference(&w, n, k, &x, m),
+        "{kernel}: ternary n={n} k={k} m={m} weights {wf:?} activations {xf:?}"
+    );
+}
+
+fn check_int8(
+    kernel: Kernel,
+    rng: &mut SmallRng,
+    n: usize,
+    k: usize,
+    m: usize,
+    wf: Fill,
+    xf: Fill,
+) {
+    let w = values(rng, n * k, wf, i8::MIN, i8::MAX);
+    let x = values(rng, m * k, xf, i8::MIN, i8::MAX);
+    let mut out = vec![0i32; m * n];
+    int8_matmul(kernel, &w, n, k, &x, m, &mut out).unwrap();
+    assert_eq!(
+        out,
+        reference(&w, n, k, &x, m),
+        "{kernel}: int8 n={n} k={k} m={m} weights {wf:?} activations {xf:?}"
+    );
+}
+
+#[test]
+fn scalar_is_always_available_and_detect_picks_a_supported_kernel() {
+    assert!(Kernel::available().contains(&Kernel::Scalar));
+    assert!(Kernel::detect().is_supported());
+    #[cfg(target_arch = "x86_64")]
+    assert!(!Kernel::Neon.is_supported() && !Kernel::NeonDot.is_supported());
+    #[cfg(target_arch = "aarch64")]
+    {
+        assert!(Kernel::Neon.is_supported() && !Kernel::Avx2.is_supported());
+        eprintln!("aarch64 kernels here: {:?}", Kernel::available());
+    }
+}
+
+#[test]
+fn unsupported_kernel_is_an_error_not_a_crash() {
+    if let Some(k) = Kernel::ALL.into_iter().find(|k| !k.is_supported()) {
+        let packed = pack::pack(&[1, 0, -1], 1, 3).unwrap();
+        let w = TernaryWeights::new(&packed, 1, 3).unwrap();
+        let mut out = [0];
+        assert_eq!(
+            ternary_matmul(k, w, &[1, 2, 3], 1, &mut out),
+            Err(MatmulError::Unsupported(k.name()))
+        );
+    }
+}
+
+#[test]
+fn every_kernel_matches_the_reference_on_ternary_shapes() {
+    let mut rng = SmallRng::seed_from_u64(1);
+    for kernel in Kernel::available() {
+        for &k in &KS {
+            for &n in &NS {
+                check_ternary(kernel, &mut rng, n, k, 1, Fill::Random, Fill::Random);
+            }
+            for &m in &MS {
+                check_ternary(kernel, &mut rng, 7, k, m, Fill::Random, Fill::Random);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_matches_the_reference_on_ternary_edge_values() {
+    let mut rng = SmallRng::seed_from_u64(2);
+    for kernel in Kernel::available() {
+        for wf in FILLS {
+            for xf in FILLS {
+                for &(n, k, m) in &[(3, 129, 1), (5, 2560, 2), (2, 6912, 5)] {
+                    check_ternary(kernel, &mut rng, n, k, m, wf, xf);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_matches_the_reference_on_int8_shapes_and_edge_values() {
+    let mut rng = SmallRng::seed_from_u64(3);
+    for kernel in Kernel::available() {
+        for &k in &KS {
+            for &n in &NS[..4] {
+                check_int8(kernel, &mut rng, n, k, 1, Fill::Random, Fill::Random);
+            }
+            for &m in &MS {
+                check_int8(kernel, &mut rng, 3, k, m, Fill::Random, Fill::Random);
+            }
+        }
+        for wf in FILLS {
+            for xf in FILLS {
+                check_int8(kernel, &mut rng, 3, 2563, 2, wf, xf);
+            }
+        }
+    }
+}
+
+#[test]
+fn splitting_rows_across_threads_gives_the_same_result() {
+    let mut rng = SmallRng::seed_from_u64(4);
+    let (n, k) = (1000, 640);
+    let w = values(&mut rng, n * k, Fill::Random, -1, 1);
+    let packed = pack::pack(&w, n, k).unwrap();
+    let tw = TernaryWeights::new(&packed, n, k).unwrap();
+    let w8 = values(&mut rng, n * k, Fill::Random, i8::MIN, i8::MAX);
+    for m in [1, 6] {
+        let x = values(&mut rng, m * k, Fill::Random, i8::MIN, i8::MAX);
+        let expected = (reference(&w, n, k, &x, m), reference(&w8, n, k, &x, m));
+        for threads in [2, 3] {
+            let got = multithread_tract_scope(Executor::multithread(threads), || {
+                let kernel = Kernel::detect();
+                let mut a = vec![0; m * n];
+                let mut b = vec![0; m * n];
+                ternary_matmul(kernel, tw, &x, m, &mut a).unwrap();
+                int8_matmul(kernel, &w8, n, k, &x, m, &mut b).unwrap();
+                (a, b)
+            });
+            assert_eq!(got, expected, "m={m} threads={threads}");
+        }
+    }
+}
+
+#[test]
+fn shape_errors_are_typed() {
+    let packed = pack::pack(&[0; 6], 2, 3).unwrap();
+    let w = TernaryWeights::new(&packed, 2, 3).unwrap();
+    let k = Kernel::Scalar;
+    assert_eq!(
+        ternary_matmul(k, w, &[0; 5], 2, &mut [0; 4]),
+        Err(MatmulError::Activations { len: 5, m: 2, k: 3 })
+    );
+    assert_eq!(
+        ternary_matmul(k, w, &[0; 6], 2, &mut [0; 3]),
+        Err(MatmulError::Output { len: 3, m: 2, n: 2 })
+    );
+    assert_eq!(
+        int8_matmul(k, &[0; 5], 2, 3, &[0; 3], 1, &mut [0; 2]),
+        Err(MatmulError::Weights { len: 5, n: 2, k: 3 })
+    );
+}
+
+#[test]
+fn packing_round_trips_and_rejects_what_is_not_ternary() {
+    let mut rng = SmallRng::seed_from_u64(5);
+    let (n, k) = (3, 300);
+    let w = values(&mut rng, n * k, Fill::Random, -1, 1);
+    let packed = pack::pack(&w, n, k).unwrap();
+    assert_eq!(packed.len(), pack::packed_len(n, k));
+    assert_eq!(packed.len(), 3 * 3 * BLOCK_BYTES);
+    for r in 0..n {
+        for c in 0..k {
+            assert_eq!(pack::get(&packed, k, r, c), w[r * k + c]);
+        }
+    }
+    TernaryWeights::new(&packed, n, k)
+        .unwrap()
+        .validate_codes()
+        .unwrap();
+    assert_eq!(
+        pack::pack(&[0, 2], 1, 2),
+        Err(PackError::NotTernary {
+            row: 0,
+            col: 1,
+            value: 2
+        })
+    );
+    let mut bad = packed.clone();
+    bad[2 * 3 * BLOCK_BYTES + 5] |= 0b1100_0000;
+    assert_eq!(
+        TernaryWeights::new(&bad, n, k).unwrap().validate_codes(),
+        Err(PackError::BadCode { row: 2 })
+    );
+    assert_eq!(
+        TernaryWeights::new(&packed[1..], n, k).unwrap_err(),
+        PackError::Length {
+            rows: 3,
+            cols: 300,
+            len: packed.len() - 1,
+            expected: packed.len()
+        }
+    );
+}

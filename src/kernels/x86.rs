@@ -1,0 +1,90 @@
+//! x86_64 AVX2 kernels.
+//!
+//! Ternary: `vpmaddubsw` multiplies the unsigned codes (0..=2) by the signed activations and adds pairs into i16
+//! (at most 2·2·128 = 512 per pair, so never saturating); the four code vectors of a block are summed in i16
+//! (≤ 2048) and widened once per block with `vpmaddwd` against ones.
+//!
+//! Int8: both operands are signed, and `vpmaddubsw` would saturate (255·128·2 > 32767), so bytes are widened to
+//! i16 and multiplied with `vpmaddwd`, exact for every input including -128.
+
+use std::arch::x86_64::*;
+
+use super::pack::{BLOCK, BLOCK_BYTES};
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b00_00_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// # Safety
+/// AVX2 must be available; `w` holds `blocks` blocks and every `x` at least `blocks * BLOCK` values.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn ternary_dot_avx2<const M: usize>(
+    w: &[u8],
+    xs: [&[i8]; M],
+    blocks: usize,
+) -> [i32; M] {
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_si256(); M];
+    for b in 0..blocks {
+        // SAFETY: in bounds by the caller's contract; unaligned loads.
+        let v = unsafe { _mm256_loadu_si256(w.as_ptr().add(b * BLOCK_BYTES) as *const __m256i) };
+        let codes = [
+            _mm256_and_si256(v, mask),
+            _mm256_and_si256(_mm256_srli_epi16(v, 2), mask),
+            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+            _mm256_and_si256(_mm256_srli_epi16(v, 6), mask),
+        ];
+        for m in 0..M {
+            let xp = xs[m][b * BLOCK..].as_ptr();
+            let mut s = _mm256_setzero_si256();
+            for (i, c) in codes.iter().enumerate() {
+                let x = unsafe { _mm256_loadu_si256(xp.add(32 * i) as *const __m256i) };
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(*c, x));
+            }
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(s, ones));
+        }
+    }
+    let mut out = [0i32; M];
+    for m in 0..M {
+        out[m] = hsum(acc[m]);
+    }
+    out
+}
+
+/// # Safety
+/// AVX2 must be available; every `x` has `w.len()` values.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn int8_dot_avx2<const M: usize>(w: &[i8], xs: [&[i8]; M]) -> [i32; M] {
+    let k = w.len();
+    let full = k / 16 * 16;
+    let mut acc = [_mm256_setzero_si256(); M];
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 16 <= k.
+        let wv =
+            unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(w.as_ptr().add(i) as *const __m128i)) };
+        for m in 0..M {
+            let xv = unsafe {
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(xs[m].as_ptr().add(i) as *const __m128i))
+            };
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(wv, xv));
+        }
+        i += 16;
+    }
+    let mut out = [0i32; M];
+    for m in 0..M {
+        out[m] = hsum(acc[m])
+            + w[full..]
+                .iter()
+                .zip(&xs[m][full..])
+                .map(|(&a, &b)| a as i32 * b as i32)
+                .sum::<i32>();
+    }
+    out
+}
