@@ -129,6 +129,8 @@ pub struct EngineStatus {
     /// Requests waiting for a slot.
     pub queue_depth: usize,
     pub threads: usize,
+    /// The kernel running the packed ternary products (`none` for int8 exports).
+    pub kernel: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -403,6 +405,7 @@ impl Dispatcher {
                 running: h.running,
                 queue_depth: h.waiting,
                 threads: self.backend.model().threads(),
+                kernel: self.backend.model().kernel().map_or("none", |k| k.name()),
             },
             requests: RequestCounts {
                 accepted: c.accepted,

@@ -11,7 +11,7 @@ use crate::meta::{
     ArchitectureMeta, GenerationDefaults, ModelMeta, DATA_FILE, FORMAT_VERSION, ONNX_FILE,
     TOKENIZER_FILE,
 };
-use crate::onnx::bitnet::{self, GraphError, LayerDone};
+use crate::onnx::bitnet::{self, GraphError, HeadFormat, LayerDone};
 
 /// Tokens that end a turn or a text in the tokenizers of the BitNet family and its peers.
 const STOP_TOKENS: &[&str] = &[
@@ -43,6 +43,8 @@ pub enum ExportError {
 pub struct ExportOptions {
     /// The model's name in `bitnetd.json` (default: the source directory's name).
     pub name: Option<String>,
+    /// How the embedding and output layer are stored.
+    pub head: HeadFormat,
 }
 
 /// What an export produced.
@@ -92,9 +94,14 @@ pub fn export(
         "exporting {} layers, hidden {}, {}/{} heads, vocab {}",
         arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.vocab_size
     ));
-    let model = bitnet::build(&arch, &weights, out, DATA_FILE, &mut |d: LayerDone| {
-        progress(&format!("layer {}/{}", d.layer, d.layers))
-    })?;
+    let model = bitnet::build(
+        &arch,
+        &weights,
+        out,
+        DATA_FILE,
+        opts.head,
+        &mut |d: LayerDone| progress(&format!("layer {}/{}", d.layer, d.layers)),
+    )?;
     let onnx_path = out.join(ONNX_FILE);
     let bytes = model.encode_to_vec();
     std::fs::write(&onnx_path, &bytes).map_err(write_err(&onnx_path))?;
@@ -146,7 +153,8 @@ pub fn export(
             rms_norm_eps: arch.rms_norm_eps,
             tied_embeddings: arch.tie_word_embeddings,
             linear_class: arch.linear_class,
-            ternary_storage: "int8".into(),
+            ternary_storage: "2bit".into(),
+            head_format: opts.head,
         },
         context_length: arch.context_length,
         bos_token_id: arch
@@ -236,10 +244,12 @@ fn model_card(m: &ModelMeta, from: &Path) -> String {
          | hidden / FFN | {hidden} / {ffn} |\n| heads / KV heads / head dim | {heads} / {kv} / {hd} |\n\
          | vocabulary | {vocab} |\n| activation | {act:?} |\n| context | {ctx} |\n| RoPE theta | {theta} |\n\
          | ternary weights | {storage}, per-tensor scale ({lc:?} convention) |\n\
+         | embedding / output layer | {head} |\n\
          | tied embeddings | {tied} |\n\n\
-         ## Files\n\n- `model.onnx` + `model.onnx.data`: the network, ONNX opset {opset} (standard ops; ternary linears as \
-         `MatMulInteger` on per-token absmax int8 activations; attention as ONNX `Attention` with GQA and past/present \
-         KV tensors).\n- `tokenizer.json`: the checkpoint's tokenizer.\n- `bitnetd.json`: special tokens, context length, \
+         ## Files\n\n- `model.onnx` + `model.onnx.data`: the network, ONNX opset {opset}: standard ops, plus the \
+         functions `ai.bitnetd.BitLinear` (2-bit packed ternary weights) and `ai.bitnetd.Int8Linear`, defined in the \
+         file in standard ops so any ONNX runtime can run it (bitnetd runs its own kernels instead). Linears run on \
+         per-token absmax int8 activations; attention is ONNX `Attention` with GQA and past/present KV tensors.\n- `tokenizer.json`: the checkpoint's tokenizer.\n- `bitnetd.json`: special tokens, context length, \
          chat template.\n\n## Inputs and outputs\n\n`input_ids`, `attention_mask` (`[1, past + seq]`), `position_ids`, \
          `past_key_values.N.key|value` (`[1, {kv}, past, {hd}]`) in; `logits` (`[1, 1, {vocab}]`, last position) and \
          `present.N.key|value` out. Batch 1.\n\nThe license of the weights is the license of the source checkpoint.\n",
@@ -259,6 +269,7 @@ fn model_card(m: &ModelMeta, from: &Path) -> String {
         ctx = m.context_length,
         theta = a.rope_theta,
         storage = a.ternary_storage,
+        head = a.head_format,
         lc = a.linear_class,
         tied = a.tied_embeddings,
         opset = bitnet::OPSET,

@@ -13,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use bitnetd::config::{Config, Env};
+use bitnetd::onnx::bitnet::HeadFormat;
 use bitnetd::protocol::Route;
 
 use bitnetd::default_model::default_model_dir;
@@ -68,9 +69,19 @@ enum Command {
         /// Model name recorded in bitnetd.json (default: the checkpoint directory's name).
         #[arg(long)]
         name: Option<String>,
+        /// Storage of the embedding and output layer: f32 (exact logits) or int8 (a quarter of the bytes read
+        /// per token; for 2B-4T-size models on 4 GB boards).
+        #[arg(long, value_enum, default_value = "f32")]
+        head: HeadArg,
     },
     /// Generate text with a model, without the daemon.
     Generate(GenerateArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HeadArg {
+    F32,
+    Int8,
 }
 
 #[derive(clap::Args)]
@@ -186,9 +197,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Export { from, out, name } => {
+        Command::Export {
+            from,
+            out,
+            name,
+            head,
+        } => {
             init_cli_logging();
-            let opts = bitnetd::export::ExportOptions { name };
+            let head = match head {
+                HeadArg::F32 => HeadFormat::F32,
+                HeadArg::Int8 => HeadFormat::Int8,
+            };
+            let opts = bitnetd::export::ExportOptions { name, head };
             let summary =
                 bitnetd::export::export(&from, &out, &opts, &mut |line| eprintln!("{line}"))
                     .with_context(|| format!("exporting {}", from.display()))?;

@@ -1,6 +1,7 @@
 //! `bitnetd.json`, the small metadata file beside `model.onnx` in an exported model directory: what the engine
 //! needs to know that the ONNX graph does not say (special token ids, context length, chat template).
 
+use crate::onnx::bitnet::HeadFormat;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -34,8 +35,12 @@ pub struct ArchitectureMeta {
     pub tied_embeddings: bool,
     /// The `quantization_config.linear_class` convention the scales were read with.
     pub linear_class: LinearClass,
-    /// How ternary weights are stored in the ONNX file (`int8` for now).
+    /// How ternary weights are stored in the ONNX file: `2bit` (`ai.bitnetd.BitLinear`, packed as in
+    /// `kernels::pack`) or `int8` (standard `MatMulInteger`, exports before 2-bit packing; still loadable).
     pub ternary_storage: String,
+    /// How the embedding and output layer are stored.
+    #[serde(default)]
+    pub head_format: HeadFormat,
 }
 
 /// Contents of `bitnetd.json`.

@@ -28,6 +28,7 @@ fn committed_export_is_up_to_date() {
     let out = tempfile::tempdir().unwrap();
     let opts = bitnetd::export::ExportOptions {
         name: Some(meta.name.clone()),
+        head: meta.architecture.head_format,
     };
     bitnetd::export::export(
         &root().join("models/default-hf"),

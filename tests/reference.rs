@@ -88,6 +88,12 @@ fn check_case(case: &str, threads: usize) {
         model.meta.architecture.layers,
         "every layer uses the in-place KV cache"
     );
+    assert_eq!(
+        model.packed_linear_ops(),
+        4 * model.meta.architecture.layers,
+        "QKV, O, gate-up and down run on 2-bit packed weights"
+    );
+    assert!(model.kernel().is_some_and(|k| k.is_supported()));
     for c in &exp.cases {
         assert_eq!(
             model.encode(&c.prompt, true).unwrap(),

@@ -3,6 +3,7 @@
 
 pub mod chat;
 mod error;
+pub mod linear_op;
 mod model;
 pub mod request;
 pub mod sampler;

@@ -13,9 +13,11 @@ use tract_onnx::tract_core::transform::get_transform;
 use tract_transformers::ops::inplace_kv_cache::InPlaceKvSdpa;
 
 use super::chat::{ChatTemplate, Message};
+use super::linear_op::PackedLinear;
 use super::request::{GenerateParams, Prompt, ValidatedRequest};
 use super::session::Session;
 use super::EngineError;
+use crate::kernels::Kernel;
 use crate::meta::{ModelMeta, ONNX_FILE, TOKENIZER_FILE};
 
 /// How to load a model.
@@ -51,6 +53,8 @@ pub struct Model {
     pub(crate) slots: InputSlots,
     chat: Option<ChatTemplate>,
     inplace_kv_layers: usize,
+    kernel: Option<Kernel>,
+    packed_linear_ops: usize,
     /// Threads in use now (one of `executors`).
     threads: AtomicUsize,
     /// (threads, executor), the configured count first.
@@ -78,7 +82,9 @@ impl Model {
             )?),
             None => None,
         };
-        let mut typed = tract_onnx::onnx()
+        let mut onnx = tract_onnx::onnx();
+        super::linear_op::register(&mut onnx.op_register);
+        let mut typed = onnx
             .model_for_path(dir.join(ONNX_FILE))
             .and_then(|m| m.into_typed())
             .and_then(|m| m.into_decluttered())
@@ -97,6 +103,13 @@ impl Model {
             .iter()
             .filter(|n| n.op_is::<InPlaceKvSdpa>())
             .count();
+        let packed_linears: Vec<&PackedLinear> = typed
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<PackedLinear>())
+            .collect();
+        let kernel = packed_linears.first().map(|op| op.kernel());
+        let packed_linear_ops = packed_linears.len();
         let slots = input_slots(&typed).map_err(err)?;
         // The plan has no executor of its own: each run picks one of these (see `Model::executor`), so that the
         // governor can lower the thread count while the model stays loaded.
@@ -110,7 +123,8 @@ impl Model {
             .map_err(|e| err(format!("{e:#}")))?;
         log::info!(
             model = meta.name.as_str(), layers = meta.architecture.layers, threads = opts.threads,
-            inplace_kv = inplace_kv_layers; "model loaded"
+            inplace_kv = inplace_kv_layers, packed_linear_ops = packed_linear_ops,
+            kernel = kernel.map_or("none (int8 export)", Kernel::name); "model loaded"
         );
         Ok(Arc::new(Model {
             meta,
@@ -120,6 +134,8 @@ impl Model {
             slots,
             chat,
             inplace_kv_layers,
+            kernel,
+            packed_linear_ops,
             threads: AtomicUsize::new(opts.threads),
             executors,
         }))
@@ -134,6 +150,16 @@ impl Model {
     /// when decode cost grows linearly with the context.
     pub fn inplace_kv_layers(&self) -> usize {
         self.inplace_kv_layers
+    }
+
+    /// The kernel running the packed products (`None` for models exported before 2-bit packing).
+    pub fn kernel(&self) -> Option<Kernel> {
+        self.kernel
+    }
+
+    /// How many products run on packed weights (`BitLinear` and `Int8Linear`).
+    pub fn packed_linear_ops(&self) -> usize {
+        self.packed_linear_ops
     }
 
     /// Threads used for matrix products.

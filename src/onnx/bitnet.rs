@@ -1,6 +1,6 @@
 //! The ONNX graph of a BitNet b1.58 decoder, op for op as transformers computes it:
-//! per-token absmax int8 activation quantization, `MatMulInteger` against constant ternary weights with their
-//! scale, RMSNorm with the model's eps, rotate-half RoPE with the model's theta, and ONNX `Attention` (opset 23)
+//! per-token absmax int8 activation quantization, `ai.bitnetd.BitLinear` (2-bit packed ternary weights, see
+//! `onnx::functions` for its definition in standard ops) with the weights' scale, RMSNorm with the model's eps, rotate-half RoPE with the model's theta, and ONNX `Attention` (opset 23)
 //! with GQA and explicit past/present KV tensors, which tract turns into a stateful in-place cache.
 //!
 //! Inputs: `input_ids`, `attention_mask` (`[1, past + seq]`), `position_ids`, `past_key_values.{i}.key|value`
@@ -11,7 +11,10 @@ use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::{ModelProto, ValueInfoProto};
 
 use super::builder::{attr_f, attr_i, value_info, Dim, GraphBuilder};
+use super::functions::{self, DOMAIN_VERSION};
+use crate::engine::linear_op::{BIT_LINEAR, DOMAIN, INT8_LINEAR};
 use crate::hf::{Activation, Architecture, Family, HfError, TernaryMatrix, Weights};
+use crate::kernels::pack::{self, PackError};
 
 /// The opset the graph is written for (ONNX `Attention` is opset 23).
 pub const OPSET: i64 = 23;
@@ -23,6 +26,8 @@ pub enum GraphError {
     Hf(#[from] HfError),
     #[error("writing external data: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Pack(#[from] PackError),
 }
 
 /// Progress of a long export, reported after each layer.
@@ -30,6 +35,40 @@ pub enum GraphError {
 pub struct LayerDone {
     pub layer: usize,
     pub layers: usize,
+}
+
+/// How the token embedding and the output layer are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadFormat {
+    /// f32 output layer (tract packs it for its f32 matmul), f16 lookup table when exact: logits as transformers
+    /// computes them.
+    #[default]
+    F32,
+    /// int8 with one scale per vocabulary row, for both; the output layer runs on int8 activations (per-token
+    /// absmax, like the BitLinear layers). A quarter of the f32 bytes per token.
+    Int8,
+}
+
+impl std::fmt::Display for HeadFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HeadFormat::F32 => "f32",
+            HeadFormat::Int8 => "int8",
+        })
+    }
+}
+
+/// An int8 table with one f32 scale per row.
+struct Int8Table {
+    data: String,
+    scale: String,
+}
+
+/// The output layer: its constant when already written (tied embeddings), else written at the end.
+enum Head {
+    F32(Option<String>),
+    Int8(Option<Int8Table>),
 }
 
 /// Per-token activation quantization: `(int8 values, scale)` with `scale = 127 / max(|x|, 1e-5)`.
@@ -98,7 +137,8 @@ impl Ctx<'_> {
         QuantizedAct { q, scale }
     }
 
-    /// One `MatMulInteger` for several linears sharing an input; returns one output per matrix.
+    /// One `BitLinear` (2-bit packed ternary weights) for several linears sharing an input; returns one output per
+    /// matrix.
     fn bitlinear(
         &mut self,
         x: &QuantizedAct,
@@ -107,26 +147,29 @@ impl Ctx<'_> {
     ) -> Result<Vec<String>, GraphError> {
         let k = mats[0].cols;
         let n: usize = mats.iter().map(|m| m.rows).sum();
-        let mut wt = vec![0i8; k * n];
+        let mut values = Vec::with_capacity(k * n);
         let mut col_scale = Vec::with_capacity(n);
-        let mut off = 0;
         for m in mats {
-            for r in 0..m.rows {
-                let row = &m.codes[r * k..(r + 1) * k];
-                for (c, &v) in row.iter().enumerate() {
-                    wt[c * n + off + r] = v;
-                }
-            }
+            values.extend_from_slice(&m.codes);
             col_scale.extend(std::iter::repeat_n(m.scale, m.rows));
-            off += m.rows;
         }
-        let raw: Vec<u8> = wt.iter().map(|&v| v as u8).collect();
-        let w = self
-            .g
-            .initializer(&format!("{hint}.ternary"), DataType::Int8, &[k, n], &raw)?;
+        let packed = pack::pack(&values, n, k)?;
+        drop(values);
+        let w = self.g.initializer(
+            &format!("{hint}.ternary"),
+            DataType::Uint8,
+            &[n, packed.len() / n.max(1)],
+            &packed,
+        )?;
+        let y = self.g.custom_op(
+            DOMAIN,
+            BIT_LINEAR,
+            hint,
+            &[&x.q, &w],
+            vec![attr_i("in_features", k as i64)],
+        );
         let s = self.g.f32s(&format!("{hint}.scale"), &[n], &col_scale)?;
         let g = &mut self.g;
-        let y = g.op("MatMulInteger", hint, &[&x.q, &w], vec![]);
         let y = g.op(
             "Cast",
             hint,
@@ -147,6 +190,58 @@ impl Ctx<'_> {
             mats.len(),
             vec![attr_i("axis", -1)],
         ))
+    }
+
+    /// Writes `v` (`rows × cols`) as int8 rows with scale `max|row| / 127` each.
+    fn int8_table(
+        &mut self,
+        hint: &str,
+        v: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Int8Table, GraphError> {
+        let mut q = Vec::with_capacity(v.len());
+        let mut scales = Vec::with_capacity(rows);
+        for row in v.chunks_exact(cols.max(1)).take(rows) {
+            let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            scales.push(scale);
+            q.extend(
+                row.iter()
+                    .map(|&x| (x / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+            );
+        }
+        let data = self
+            .g
+            .initializer(hint, DataType::Int8, &[rows, cols], &q)?;
+        drop(q);
+        let scale = self.g.f32s(&format!("{hint}.scale"), &[rows], &scales)?;
+        Ok(Int8Table { data, scale })
+    }
+
+    /// `table[input_ids] * scale[input_ids]`, as f32 `[1, S, hidden]`.
+    fn embed_int8(&mut self, t: &Int8Table) -> String {
+        let g = &mut self.g;
+        let rows = g.op(
+            "Gather",
+            "embed",
+            &[&t.data, "input_ids"],
+            vec![attr_i("axis", 0)],
+        );
+        let rows = g.op(
+            "Cast",
+            "embed",
+            &[&rows],
+            vec![attr_i("to", DataType::Float as i64)],
+        );
+        let s = g.op(
+            "Gather",
+            "embed",
+            &[&t.scale, "input_ids"],
+            vec![attr_i("axis", 0)],
+        );
+        let s = g.op("Unsqueeze", "embed", &[&s, &self.axis_last], vec![]);
+        g.op("Mul", "embed", &[&rows, &s], vec![])
     }
 
     fn ternary(&self, prefix: &str, rows: usize, cols: usize) -> Result<TernaryMatrix, GraphError> {
@@ -212,6 +307,7 @@ pub fn build(
     w: &Weights,
     dir: &std::path::Path,
     data_location: &str,
+    head_format: HeadFormat,
     progress: &mut dyn FnMut(LayerDone),
 ) -> Result<ModelProto, GraphError> {
     let mut g = GraphBuilder::new(dir, data_location)?;
@@ -227,36 +323,49 @@ pub fn build(
     let (hd, h, kvh) = (arch.head_dim, arch.num_heads, arch.num_kv_heads);
     let (hidden, ffn, vocab) = (arch.hidden_size, arch.intermediate_size, arch.vocab_size);
 
-    // The embedding lookup and the output layer (tied in 2B-4T) each get their own constant, so that tract packs
-    // the output layer's [hidden, vocab] operand once at load: a constant shared by two ops is never folded and
-    // would be re-packed on every step. The lookup table is f16 when that is exact (bf16 and f16 checkpoints).
     let embed = w.floats("model.embed_tokens.weight", &[vocab, hidden])?;
-    let head_t = if arch.tie_word_embeddings {
-        Some(cx.g.f32s(
-            "lm_head_t",
-            &[hidden, vocab],
-            &transpose(&embed, vocab, hidden),
-        )?)
-    } else {
-        None
+    let (mut x, head) = match head_format {
+        // The embedding lookup and the output layer (tied in 2B-4T) each get their own constant, so that tract
+        // packs the output layer's [hidden, vocab] operand once at load: a constant shared by two ops is never
+        // folded and would be re-packed on every step. The lookup table is f16 when that is exact (bf16 and f16
+        // checkpoints).
+        HeadFormat::F32 => {
+            let head_t = if arch.tie_word_embeddings {
+                Some(cx.g.f32s(
+                    "lm_head_t",
+                    &[hidden, vocab],
+                    &transpose(&embed, vocab, hidden),
+                )?)
+            } else {
+                None
+            };
+            let lookup = embedding_table(&mut cx.g, &embed, vocab, hidden)?;
+            let mut x = cx.g.op(
+                "Gather",
+                "embed",
+                &[&lookup.0, "input_ids"],
+                vec![attr_i("axis", 0)],
+            );
+            if lookup.1 {
+                x = cx.g.op(
+                    "Cast",
+                    "embed",
+                    &[&x],
+                    vec![attr_i("to", DataType::Float as i64)],
+                );
+            }
+            (x, Head::F32(head_t))
+        }
+        // One int8 table (per-row scale) serves the lookup and, when tied, the output layer: `Int8Linear` reads
+        // the constant in place, so sharing it costs nothing.
+        HeadFormat::Int8 => {
+            let table = cx.int8_table("embed_tokens", &embed, vocab, hidden)?;
+            let x = cx.embed_int8(&table);
+            (x, Head::Int8(arch.tie_word_embeddings.then_some(table)))
+        }
     };
-    let lookup = embedding_table(&mut cx.g, &embed, vocab, hidden)?;
     drop(embed);
     let g = &mut cx.g;
-    let mut x = g.op(
-        "Gather",
-        "embed",
-        &[&lookup.0, "input_ids"],
-        vec![attr_i("axis", 0)],
-    );
-    if lookup.1 {
-        x = g.op(
-            "Cast",
-            "embed",
-            &[&x],
-            vec![attr_i("to", DataType::Float as i64)],
-        );
-    }
 
     // Additive mask [1, 1, S, T]: key j is visible to query i iff kpos(j) <= position_ids(i) and mask(j) != 0.
     let one = g.initializer("one", DataType::Int64, &[], &1i64.to_le_bytes())?;
@@ -409,31 +518,67 @@ pub fn build(
     }
 
     let x = cx.rms_norm(&x, "model.norm.weight", hidden, "norm")?;
-    let head_t = if let Some(h) = head_t {
-        h
-    } else {
-        let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
-        cx.g.f32s(
-            "lm_head_t",
-            &[hidden, vocab],
-            &transpose(&lm, vocab, hidden),
-        )?
-    };
     let g = &mut cx.g;
     let (last, end) = (g.i64s("start", &[-1]), g.i64s("end", &[i64::MAX]));
     let x = g.op("Slice", "head", &[&x, &last, &end, &ax1], vec![]);
-    g.op_into(
-        "MatMul",
-        "head/logits",
-        &[&x, &head_t],
-        &["logits".to_string()],
-        vec![],
-    );
+    match head {
+        Head::F32(head_t) => {
+            let head_t = match head_t {
+                Some(h) => h,
+                None => {
+                    let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
+                    cx.g.f32s(
+                        "lm_head_t",
+                        &[hidden, vocab],
+                        &transpose(&lm, vocab, hidden),
+                    )?
+                }
+            };
+            cx.g.op_into(
+                "MatMul",
+                "head/logits",
+                &[&x, &head_t],
+                &["logits".to_string()],
+                vec![],
+            );
+        }
+        Head::Int8(table) => {
+            let table = match table {
+                Some(t) => t,
+                None => {
+                    let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
+                    cx.int8_table("lm_head", &lm, vocab, hidden)?
+                }
+            };
+            let xq = cx.quantize(&x, "head");
+            let g = &mut cx.g;
+            let y = g.custom_op(DOMAIN, INT8_LINEAR, "head", &[&xq.q, &table.data], vec![]);
+            let y = g.op(
+                "Cast",
+                "head",
+                &[&y],
+                vec![attr_i("to", DataType::Float as i64)],
+            );
+            let y = g.op("Div", "head", &[&y, &xq.scale], vec![]);
+            g.op_into(
+                "Mul",
+                "head/logits",
+                &[&y, &table.scale],
+                &["logits".to_string()],
+                vec![],
+            );
+        }
+    }
 
     let (inputs, outputs) = io(arch);
-    Ok(cx
-        .g
-        .finish(OPSET, inputs, outputs, "BitNet b1.58 exported by bitnetd")?)
+    Ok(cx.g.finish(
+        OPSET,
+        &[(DOMAIN, DOMAIN_VERSION)],
+        functions::definitions(OPSET),
+        inputs,
+        outputs,
+        "BitNet b1.58 exported by bitnetd",
+    )?)
 }
 
 /// The embedding lookup table: f16 when every value converts exactly, else f32. Returns (name, is_f16).

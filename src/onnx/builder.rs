@@ -82,6 +82,20 @@ impl GraphBuilder {
         outputs
     }
 
+    /// Adds a node of a custom operator `domain` (defined by a function in the model) with one output.
+    pub fn custom_op(
+        &mut self,
+        domain: &str,
+        op_type: &str,
+        hint: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) -> String {
+        let out = self.op(op_type, hint, inputs, attrs);
+        self.nodes.last_mut().expect("just added").domain = domain.to_string();
+        out
+    }
+
     /// Adds a node writing to the given output names (for graph outputs).
     pub fn op_into(
         &mut self,
@@ -159,10 +173,13 @@ impl GraphBuilder {
             .expect("small initializers stay inline")
     }
 
-    /// Finishes the graph into a model with the given opset, inputs and outputs.
+    /// Finishes the graph into a model with the given standard opset, inputs and outputs, and the functions
+    /// defining its custom operators (`(domain, version)` each in `custom`).
     pub fn finish(
         mut self,
         opset: i64,
+        custom: &[(&str, i64)],
+        functions: Vec<FunctionProto>,
         inputs: Vec<ValueInfoProto>,
         outputs: Vec<ValueInfoProto>,
         doc: &str,
@@ -178,10 +195,14 @@ impl GraphBuilder {
         };
         Ok(ModelProto {
             ir_version: 10,
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: opset,
-            }],
+            opset_import: std::iter::once(("", opset))
+                .chain(custom.iter().copied())
+                .map(|(domain, version)| OperatorSetIdProto {
+                    domain: domain.to_string(),
+                    version,
+                })
+                .collect(),
+            functions,
             producer_name: "bitnetd".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             doc_string: doc.into(),

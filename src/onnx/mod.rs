@@ -2,3 +2,4 @@
 
 pub mod bitnet;
 pub mod builder;
+pub mod functions;
