@@ -11,7 +11,7 @@ use crate::meta::{
     ArchitectureMeta, GenerationDefaults, ModelMeta, DATA_FILE, FORMAT_VERSION, ONNX_FILE,
     TOKENIZER_FILE,
 };
-use crate::onnx::bitnet::{self, GraphError, HeadFormat, LayerDone};
+use crate::onnx::bitnet::{self, GraphError, LayerDone, TableFormats};
 
 /// Tokens that end a turn or a text in the tokenizers of the BitNet family and its peers.
 const STOP_TOKENS: &[&str] = &[
@@ -43,8 +43,8 @@ pub enum ExportError {
 pub struct ExportOptions {
     /// The model's name in `bitnetd.json` (default: the source directory's name).
     pub name: Option<String>,
-    /// How the embedding and output layer are stored.
-    pub head: HeadFormat,
+    /// How the output layer and the embedding are stored.
+    pub tables: TableFormats,
 }
 
 /// What an export produced.
@@ -99,7 +99,7 @@ pub fn export(
         &weights,
         out,
         DATA_FILE,
-        opts.head,
+        opts.tables,
         &mut |d: LayerDone| progress(&format!("layer {}/{}", d.layer, d.layers)),
     )?;
     let onnx_path = out.join(ONNX_FILE);
@@ -154,7 +154,8 @@ pub fn export(
             tied_embeddings: arch.tie_word_embeddings,
             linear_class: arch.linear_class,
             ternary_storage: "2bit".into(),
-            head_format: opts.head,
+            head_format: opts.tables.head,
+            embedding_format: opts.tables.embedding,
         },
         context_length: arch.context_length,
         bos_token_id: arch
@@ -244,7 +245,7 @@ fn model_card(m: &ModelMeta, from: &Path) -> String {
          | hidden / FFN | {hidden} / {ffn} |\n| heads / KV heads / head dim | {heads} / {kv} / {hd} |\n\
          | vocabulary | {vocab} |\n| activation | {act:?} |\n| context | {ctx} |\n| RoPE theta | {theta} |\n\
          | ternary weights | {storage}, per-tensor scale ({lc:?} convention) |\n\
-         | embedding / output layer | {head} |\n\
+         | output layer / embedding | {head} / {embedding} |\n\
          | tied embeddings | {tied} |\n\n\
          ## Files\n\n- `model.onnx` + `model.onnx.data`: the network, ONNX opset {opset}: standard ops, plus the \
          functions `ai.bitnetd.BitLinear` (2-bit packed ternary weights) and `ai.bitnetd.Int8Linear`, defined in the \
@@ -270,6 +271,7 @@ fn model_card(m: &ModelMeta, from: &Path) -> String {
         theta = a.rope_theta,
         storage = a.ternary_storage,
         head = a.head_format,
+        embedding = a.embedding_format,
         lc = a.linear_class,
         tied = a.tied_embeddings,
         opset = bitnet::OPSET,

@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use bitnetd::config::{Config, Env};
-use bitnetd::onnx::bitnet::HeadFormat;
+use bitnetd::onnx::bitnet::{EmbeddingFormat, HeadFormat, TableFormats};
 use bitnetd::protocol::Route;
 
 use bitnetd::default_model::default_model_dir;
@@ -69,10 +69,14 @@ enum Command {
         /// Model name recorded in bitnetd.json (default: the checkpoint directory's name).
         #[arg(long)]
         name: Option<String>,
-        /// Storage of the embedding and output layer: f32 (exact logits) or int8 (a quarter of the bytes read
-        /// per token; for 2B-4T-size models on 4 GB boards).
+        /// Storage of the output layer: f32 (logits as transformers computes them) or int8 (a quarter of the
+        /// bytes read per token, logits within about 1%; recommended for 2B-4T-size models on a Pi).
         #[arg(long, value_enum, default_value = "f32")]
         head: HeadArg,
+        /// Storage of the embedding table: float (f16 when exact) or int8 (smallest model; logits move by a
+        /// few percent, see tests/reference.rs).
+        #[arg(long, value_enum, default_value = "float")]
+        embedding: EmbeddingArg,
     },
     /// Generate text with a model, without the daemon.
     Generate(GenerateArgs),
@@ -81,6 +85,12 @@ enum Command {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum HeadArg {
     F32,
+    Int8,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EmbeddingArg {
+    Float,
     Int8,
 }
 
@@ -202,13 +212,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             out,
             name,
             head,
+            embedding,
         } => {
             init_cli_logging();
-            let head = match head {
-                HeadArg::F32 => HeadFormat::F32,
-                HeadArg::Int8 => HeadFormat::Int8,
+            let tables = TableFormats {
+                head: match head {
+                    HeadArg::F32 => HeadFormat::F32,
+                    HeadArg::Int8 => HeadFormat::Int8,
+                },
+                embedding: match embedding {
+                    EmbeddingArg::Float => EmbeddingFormat::Float,
+                    EmbeddingArg::Int8 => EmbeddingFormat::Int8,
+                },
             };
-            let opts = bitnetd::export::ExportOptions { name, head };
+            let opts = bitnetd::export::ExportOptions { name, tables };
             let summary =
                 bitnetd::export::export(&from, &out, &opts, &mut |line| eprintln!("{line}"))
                     .with_context(|| format!("exporting {}", from.display()))?;

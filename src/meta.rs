@@ -1,7 +1,7 @@
 //! `bitnetd.json`, the small metadata file beside `model.onnx` in an exported model directory: what the engine
 //! needs to know that the ONNX graph does not say (special token ids, context length, chat template).
 
-use crate::onnx::bitnet::HeadFormat;
+use crate::onnx::bitnet::{EmbeddingFormat, HeadFormat};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -38,9 +38,12 @@ pub struct ArchitectureMeta {
     /// How ternary weights are stored in the ONNX file: `2bit` (`ai.bitnetd.BitLinear`, packed as in
     /// `kernels::pack`) or `int8` (standard `MatMulInteger`, exports before 2-bit packing; still loadable).
     pub ternary_storage: String,
-    /// How the embedding and output layer are stored.
+    /// How the output layer is stored.
     #[serde(default)]
     pub head_format: HeadFormat,
+    /// How the embedding lookup table is stored.
+    #[serde(default)]
+    pub embedding_format: EmbeddingFormat,
 }
 
 /// Contents of `bitnetd.json`.

@@ -10,6 +10,7 @@ use bitnetd::engine::{
     FinishReason, GenerateParams, LoadOptions, Message, Model, Prompt, SamplingParams,
 };
 use bitnetd::meta::{ModelMeta, DATA_FILE, META_FILE, ONNX_FILE, TOKENIZER_FILE};
+use bitnetd::onnx::bitnet::TableFormats;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -28,7 +29,10 @@ fn committed_export_is_up_to_date() {
     let out = tempfile::tempdir().unwrap();
     let opts = bitnetd::export::ExportOptions {
         name: Some(meta.name.clone()),
-        head: meta.architecture.head_format,
+        tables: TableFormats {
+            head: meta.architecture.head_format,
+            embedding: meta.architecture.embedding_format,
+        },
     };
     bitnetd::export::export(
         &root().join("models/default-hf"),

@@ -37,17 +37,37 @@ pub struct LayerDone {
     pub layers: usize,
 }
 
-/// How the token embedding and the output layer are stored.
+/// How the output layer is stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HeadFormat {
-    /// f32 output layer (tract packs it for its f32 matmul), f16 lookup table when exact: logits as transformers
-    /// computes them.
+    /// f32, run by tract's f32 matmul: logits as transformers computes them.
     #[default]
     F32,
-    /// int8 with one scale per vocabulary row, for both; the output layer runs on int8 activations (per-token
-    /// absmax, like the BitLinear layers). A quarter of the f32 bytes per token.
+    /// int8 with one scale per vocabulary row, run by `Int8Linear` on int8 activations (per-token absmax, like
+    /// the BitLinear layers): a quarter of the bytes read per token. Logits move by about 1% of their range
+    /// (`tests/reference.rs`).
     Int8,
+}
+
+/// How the token embedding (lookup table) is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingFormat {
+    /// f16 when every value converts exactly (bf16 and f16 checkpoints), else f32.
+    #[default]
+    Float,
+    /// int8 with one scale per row, shared with an int8 output layer when tied: the smallest model. The input
+    /// perturbation crosses many activation-quantization boundaries downstream, so logits move by 3-9% of their
+    /// range on the reference fixtures (`tests/reference.rs`).
+    Int8,
+}
+
+/// How the vocabulary-sized tables are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableFormats {
+    pub head: HeadFormat,
+    pub embedding: EmbeddingFormat,
 }
 
 impl std::fmt::Display for HeadFormat {
@@ -59,16 +79,26 @@ impl std::fmt::Display for HeadFormat {
     }
 }
 
+impl std::fmt::Display for EmbeddingFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EmbeddingFormat::Float => "float",
+            EmbeddingFormat::Int8 => "int8",
+        })
+    }
+}
+
 /// An int8 table with one f32 scale per row.
 struct Int8Table {
     data: String,
     scale: String,
 }
 
-/// The output layer: its constant when already written (tied embeddings), else written at the end.
+/// The output layer's constant.
 enum Head {
-    F32(Option<String>),
-    Int8(Option<Int8Table>),
+    /// `[hidden, vocab]`.
+    F32(String),
+    Int8(Int8Table),
 }
 
 /// Per-token activation quantization: `(int8 values, scale)` with `scale = 127 / max(|x|, 1e-5)`.
@@ -307,7 +337,7 @@ pub fn build(
     w: &Weights,
     dir: &std::path::Path,
     data_location: &str,
-    head_format: HeadFormat,
+    formats: TableFormats,
     progress: &mut dyn FnMut(LayerDone),
 ) -> Result<ModelProto, GraphError> {
     let mut g = GraphBuilder::new(dir, data_location)?;
@@ -324,45 +354,50 @@ pub fn build(
     let (hidden, ffn, vocab) = (arch.hidden_size, arch.intermediate_size, arch.vocab_size);
 
     let embed = w.floats("model.embed_tokens.weight", &[vocab, hidden])?;
-    let (mut x, head) = match head_format {
-        // The embedding lookup and the output layer (tied in 2B-4T) each get their own constant, so that tract
-        // packs the output layer's [hidden, vocab] operand once at load: a constant shared by two ops is never
-        // folded and would be re-packed on every step. The lookup table is f16 when that is exact (bf16 and f16
-        // checkpoints).
-        HeadFormat::F32 => {
-            let head_t = if arch.tie_word_embeddings {
-                Some(cx.g.f32s(
-                    "lm_head_t",
-                    &[hidden, vocab],
-                    &transpose(&embed, vocab, hidden),
-                )?)
-            } else {
-                None
-            };
+    let mut shared = None;
+    let mut x = match formats.embedding {
+        // f16 when that is exact (bf16 and f16 checkpoints).
+        EmbeddingFormat::Float => {
             let lookup = embedding_table(&mut cx.g, &embed, vocab, hidden)?;
-            let mut x = cx.g.op(
+            let x = cx.g.op(
                 "Gather",
                 "embed",
                 &[&lookup.0, "input_ids"],
                 vec![attr_i("axis", 0)],
             );
             if lookup.1 {
-                x = cx.g.op(
+                cx.g.op(
                     "Cast",
                     "embed",
                     &[&x],
                     vec![attr_i("to", DataType::Float as i64)],
-                );
+                )
+            } else {
+                x
             }
-            (x, Head::F32(head_t))
         }
-        // One int8 table (per-row scale) serves the lookup and, when tied, the output layer: `Int8Linear` reads
-        // the constant in place, so sharing it costs nothing.
-        HeadFormat::Int8 => {
+        EmbeddingFormat::Int8 => {
             let table = cx.int8_table("embed_tokens", &embed, vocab, hidden)?;
             let x = cx.embed_int8(&table);
-            (x, Head::Int8(arch.tie_word_embeddings.then_some(table)))
+            shared = Some(table);
+            x
         }
+    };
+    // A tied output layer is written now, while the table is loaded. The f32 one gets its own [hidden, vocab]
+    // constant so that tract packs it once at load (a constant shared by two ops is never folded and would be
+    // re-packed every step); an int8 one shares the int8 lookup table if there is one, since `Int8Linear` reads
+    // its constant in place.
+    let tied_head = match (arch.tie_word_embeddings, formats.head) {
+        (false, _) => None,
+        (true, HeadFormat::F32) => Some(Head::F32(cx.g.f32s(
+            "lm_head_t",
+            &[hidden, vocab],
+            &transpose(&embed, vocab, hidden),
+        )?)),
+        (true, HeadFormat::Int8) => Some(Head::Int8(match shared {
+            Some(t) => t,
+            None => cx.int8_table("lm_head", &embed, vocab, hidden)?,
+        })),
     };
     drop(embed);
     let g = &mut cx.g;
@@ -521,19 +556,22 @@ pub fn build(
     let g = &mut cx.g;
     let (last, end) = (g.i64s("start", &[-1]), g.i64s("end", &[i64::MAX]));
     let x = g.op("Slice", "head", &[&x, &last, &end, &ax1], vec![]);
+    let head = match tied_head {
+        Some(h) => h,
+        None => {
+            let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
+            match formats.head {
+                HeadFormat::F32 => Head::F32(cx.g.f32s(
+                    "lm_head_t",
+                    &[hidden, vocab],
+                    &transpose(&lm, vocab, hidden),
+                )?),
+                HeadFormat::Int8 => Head::Int8(cx.int8_table("lm_head", &lm, vocab, hidden)?),
+            }
+        }
+    };
     match head {
         Head::F32(head_t) => {
-            let head_t = match head_t {
-                Some(h) => h,
-                None => {
-                    let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
-                    cx.g.f32s(
-                        "lm_head_t",
-                        &[hidden, vocab],
-                        &transpose(&lm, vocab, hidden),
-                    )?
-                }
-            };
             cx.g.op_into(
                 "MatMul",
                 "head/logits",
@@ -543,13 +581,6 @@ pub fn build(
             );
         }
         Head::Int8(table) => {
-            let table = match table {
-                Some(t) => t,
-                None => {
-                    let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
-                    cx.int8_table("lm_head", &lm, vocab, hidden)?
-                }
-            };
             let xq = cx.quantize(&x, "head");
             let g = &mut cx.g;
             let y = g.custom_op(DOMAIN, INT8_LINEAR, "head", &[&xq.q, &table.data], vec![]);
