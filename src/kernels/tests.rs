@@ -114,6 +114,15 @@ fn scalar_is_always_available_and_detect_picks_a_supported_kernel() {
     }
 }
 
+/// CI runs the tests under `QEMU_CPU=cortex-a72` and `QEMU_CPU=max` and says which kernel each must pick, so that
+/// a detection mistake (sdot on a Pi 4 is SIGILL; scalar on a Pi 5 is slow) fails loudly.
+#[test]
+fn detected_kernel_is_the_one_ci_expects() {
+    if let Ok(want) = std::env::var("BITNETD_EXPECT_KERNEL") {
+        assert_eq!(Kernel::detect().name(), want);
+    }
+}
+
 #[test]
 fn unsupported_kernel_is_an_error_not_a_crash() {
     if let Some(k) = Kernel::ALL.into_iter().find(|k| !k.is_supported()) {

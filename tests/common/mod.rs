@@ -12,9 +12,20 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// A `bitnetd` command for the binary under test.
+/// A `bitnetd` command for the binary under test. When the tests themselves run under an emulator (`.ci/run`
+/// cross-tests aarch64 under qemu-user), `BITNETD_TEST_RUNNER` names it, so that the child runs the same way:
+/// `qemu-aarch64-static -L /usr/aarch64-linux-gnu`.
 pub fn bitnetd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bitnetd"))
+    let bin = env!("CARGO_BIN_EXE_bitnetd");
+    match std::env::var("BITNETD_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut words = runner.split_whitespace();
+            let mut cmd = Command::new(words.next().expect("not empty"));
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        _ => Command::new(bin),
+    }
 }
 
 /// Runs `cmd`, checks that it succeeded (showing its output if not) and returns its output.
