@@ -7,23 +7,80 @@
 //! `--sweep` also times one decode step after 64, 256, 1024, ... cached tokens (up to the context), to show
 //! that a step's cost grows at most linearly with the context (the KV cache is not copied per step).
 //!
+//! It also reports the weight bytes one decode step reads, this machine's read bandwidth (1 GiB summed by the same
+//! number of threads) and so the bandwidth ceiling of decode speed, and the load's peak RSS against the resident
+//! size after loading.
+//!
 //! Without --model it uses the default model. For the 2B-4T shape:
-//!   python3 models/make_synthetic.py /tmp/syn2b4t && cargo run --release -- export --from /tmp/syn2b4t --out /tmp/syn2b4t-onnx
+//!   python3 models/make_synthetic.py /tmp/syn2b4t
+//!   cargo run --release -- export --from /tmp/syn2b4t --out /tmp/syn2b4t-onnx --head int8
 //!   cargo bench --bench decode -- --model /tmp/syn2b4t-onnx
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use bitnetd::engine::{sampler::argmax, LoadOptions, Model};
+use bitnetd::onnx::bitnet::HeadFormat;
 
-fn peak_rss_mib() -> f64 {
+/// A `/proc/self/status` field in MiB (`VmHWM` peak, `VmRSS` now).
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// Bytes of weights one decode step reads: every linear once (2-bit ternary, or int8 for a pre-packing export)
+/// and the output layer; the embedding contributes one row.
+fn bytes_per_token(m: &Model) -> f64 {
+    let a = &m.meta.architecture;
+    let (h, ffn) = (a.hidden_size as f64, a.intermediate_size as f64);
+    let (q, kv) = (
+        (a.heads * a.head_dim) as f64,
+        (a.kv_heads * a.head_dim) as f64,
+    );
+    let per_layer = h * (q + 2.0 * kv) + q * h + 2.0 * h * ffn + ffn * h;
+    let ternary_bytes = if a.ternary_storage == "2bit" {
+        0.25
+    } else {
+        1.0
+    };
+    let head_bytes = match a.head_format {
+        HeadFormat::F32 => 4.0,
+        HeadFormat::Int8 => 1.0,
+    };
+    a.layers as f64 * per_layer * ternary_bytes + a.vocab_size as f64 * h * head_bytes
+}
+
+/// Read bandwidth of this machine with `threads` threads, in bytes/s: the best of 5 sums over 1 GiB.
+fn read_bandwidth(threads: usize) -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let parts: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            parts
+                .into_iter()
+                .map(|p| p.join().unwrap())
+                .fold(0, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
 }
 
 fn main() {
@@ -52,7 +109,7 @@ fn main() {
     let t0 = Instant::now();
     let m = Model::load(&dir, &opts).expect("loading the model");
     let load_s = t0.elapsed().as_secs_f64();
-    let rss_loaded = peak_rss_mib();
+    let (load_peak, resident) = (peak_rss_mib(), status_mib("VmRSS:"));
     let vocab = m.meta.architecture.vocab_size as u32;
     let prompt: Vec<u32> = (0..prompt_tokens as u32)
         .map(|i| (i * 7919 + 13) % vocab)
@@ -96,16 +153,39 @@ fn main() {
             past *= 4;
         }
     }
+    let bytes = bytes_per_token(&m);
+    let bandwidth = read_bandwidth(m.threads());
+    let ceiling = bandwidth / bytes;
     let out = serde_json::json!({
         "model": m.meta.name, "parameters": m.meta.parameters, "threads": m.threads(),
         "prompt_tokens": prompt_tokens, "tokens": tokens, "runs": runs,
         "prompt_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode, "ttft_ms": best_ttft * 1e3,
-        "load_s": load_s, "rss_after_load_mib": rss_loaded, "peak_rss_mib": peak_rss_mib(),
+        "load_s": load_s, "load_peak_rss_mib": load_peak, "rss_after_load_mib": resident,
+        "load_peak_over_resident": load_peak / resident, "peak_rss_mib": peak_rss_mib(),
+        "kernel": m.kernel().map(|k| k.name()), "head": m.meta.architecture.head_format.to_string(),
+        "weight_bytes_per_token": bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_ceiling_tokens_per_s": ceiling, "decode_over_ceiling": best_decode / ceiling,
         "inplace_kv_layers": m.inplace_kv_layers(), "decode_step_ms_by_context": step_ms,
     });
     println!("{out}");
     eprintln!(
-        "{}: prefill {:.1} tok/s, decode {:.1} tok/s, TTFT {:.1} ms, load {:.2} s, peak RSS {:.0} MiB ({} threads)",
-        m.meta.name, best_prefill, best_decode, best_ttft * 1e3, load_s, peak_rss_mib(), m.threads()
+        "{}: prefill {:.1} tok/s, decode {:.1} tok/s, TTFT {:.1} ms, load {:.2} s, peak RSS {:.0} MiB \
+         (load peak {:.2}x resident), {} threads, kernel {}",
+        m.meta.name,
+        best_prefill,
+        best_decode,
+        best_ttft * 1e3,
+        load_s,
+        peak_rss_mib(),
+        load_peak / resident,
+        m.threads(),
+        m.kernel().map_or("none", |k| k.name())
+    );
+    eprintln!(
+        "  {:.1} MB of weights per token, read bandwidth {:.1} GB/s: ceiling {:.1} tok/s, decode at {:.0}% of it",
+        bytes / 1e6,
+        bandwidth / 1e9,
+        ceiling,
+        100.0 * best_decode / ceiling
     );
 }

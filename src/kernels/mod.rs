@@ -5,6 +5,8 @@
 //! packed layout ([`pack`]) serves every target; each target has its own inner loops:
 //! - [`Kernel::Scalar`]: portable, the reference the others are tested against;
 //! - [`Kernel::Avx2`]: x86_64 with AVX2 (`vpmaddubsw`/`vpmaddwd`);
+//! - [`Kernel::Avx512Vnni`]: x86_64 with AVX-512 VNNI (`vpdpbusd` on 256-bit vectors) for the ternary product;
+//!   its int8 product is the AVX2 one;
 //! - [`Kernel::Neon`]: aarch64 without the dot-product extension (Pi 4, Cortex-A72): `smull`/`smlal`/`sadalp`.
 //!   It never executes `sdot`, which raises SIGILL there;
 //! - [`Kernel::NeonDot`]: aarch64 with `dotprod` (Pi 5, Cortex-A76): `sdot`.
@@ -36,13 +38,20 @@ pub const M_TILE: usize = 4;
 pub enum Kernel {
     Scalar,
     Avx2,
+    Avx512Vnni,
     Neon,
     NeonDot,
 }
 
 impl Kernel {
     /// Every kernel, whether or not this CPU runs it.
-    pub const ALL: [Kernel; 4] = [Kernel::Scalar, Kernel::Avx2, Kernel::Neon, Kernel::NeonDot];
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Scalar,
+        Kernel::Avx2,
+        Kernel::Avx512Vnni,
+        Kernel::Neon,
+        Kernel::NeonDot,
+    ];
 
     /// The fastest kernel this CPU runs.
     pub fn detect() -> Kernel {
@@ -84,6 +93,12 @@ impl Kernel {
             Kernel::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            }
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]
@@ -101,6 +116,7 @@ impl Kernel {
         match self {
             Kernel::Scalar => "scalar",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx512Vnni => "avx512-vnni",
             Kernel::Neon => "neon",
             Kernel::NeonDot => "neon-dotprod",
         }
@@ -127,6 +143,8 @@ impl Kernel {
             // SAFETY: lengths checked above, CPU support is the caller's contract.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { x86::ternary_dot_avx2(w, xs, blocks) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { x86::ternary_dot_vnni(w, xs, blocks) },
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => unsafe { neon::ternary_dot(w, xs, blocks) },
             #[cfg(target_arch = "aarch64")]
@@ -147,7 +165,7 @@ impl Kernel {
             Kernel::Scalar => scalar::int8_dot(w, xs),
             // SAFETY: as in `ternary_dot`.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::int8_dot_avx2(w, xs) },
+            Kernel::Avx2 | Kernel::Avx512Vnni => unsafe { x86::int8_dot_avx2(w, xs) },
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => unsafe { neon::int8_dot(w, xs) },
             #[cfg(target_arch = "aarch64")]

@@ -2,21 +2,25 @@
 
 use super::pack::{BLOCK, BLOCK_BYTES};
 
-/// `dot(codes, x)` for `M` activation rows; see [`super::Kernel::ternary_dot`].
+/// `dot(codes, x)` for `M` activation rows; see [`super::Kernel::ternary_dot`]. Each block is unpacked once into
+/// activation order, then multiplied with plain loops the compiler vectorizes for whatever the target has.
 pub(super) fn ternary_dot<const M: usize>(w: &[u8], xs: [&[i8]; M], blocks: usize) -> [i32; M] {
     let mut acc = [0i32; M];
+    let mut codes = [0i8; BLOCK];
     for b in 0..blocks {
         let wb = &w[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+        for (j, &byte) in wb.iter().enumerate() {
+            for i in 0..4 {
+                codes[32 * i + j] = ((byte >> (2 * i)) & 3) as i8;
+            }
+        }
         for (m, x) in xs.iter().enumerate() {
             let xb = &x[b * BLOCK..(b + 1) * BLOCK];
-            let mut s = 0i32;
-            for (j, &byte) in wb.iter().enumerate() {
-                for i in 0..4 {
-                    let code = ((byte >> (2 * i)) & 3) as i32;
-                    s += code * xb[32 * i + j] as i32;
-                }
-            }
-            acc[m] += s;
+            acc[m] += codes
+                .iter()
+                .zip(xb)
+                .map(|(&c, &v)| c as i32 * v as i32)
+                .sum::<i32>();
         }
     }
     acc
