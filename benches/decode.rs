@@ -13,7 +13,7 @@
 //!
 //! Without --model it uses the default model. For the 2B-4T shape:
 //!   python3 models/make_synthetic.py /tmp/syn2b4t
-//!   cargo run --release -- export --from /tmp/syn2b4t --out /tmp/syn2b4t-onnx --head int8
+//!   cargo run --release -- export --from /tmp/syn2b4t --out /tmp/syn2b4t-onnx
 //!   cargo bench --bench decode -- --model /tmp/syn2b4t-onnx
 
 use std::path::PathBuf;
@@ -153,6 +153,7 @@ fn main() {
             past *= 4;
         }
     }
+    let peak = peak_rss_mib();
     let bytes = bytes_per_token(&m);
     let bandwidth = read_bandwidth(m.threads());
     let ceiling = bandwidth / bytes;
@@ -161,7 +162,7 @@ fn main() {
         "prompt_tokens": prompt_tokens, "tokens": tokens, "runs": runs,
         "prompt_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode, "ttft_ms": best_ttft * 1e3,
         "load_s": load_s, "load_peak_rss_mib": load_peak, "rss_after_load_mib": resident,
-        "load_peak_over_resident": load_peak / resident, "peak_rss_mib": peak_rss_mib(),
+        "load_peak_over_resident": load_peak / resident, "peak_rss_mib": peak,
         "kernel": m.kernel().map(|k| k.name()), "head": m.meta.architecture.head_format.to_string(),
         "weight_bytes_per_token": bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
         "bandwidth_ceiling_tokens_per_s": ceiling, "decode_over_ceiling": best_decode / ceiling,
@@ -176,7 +177,7 @@ fn main() {
         best_decode,
         best_ttft * 1e3,
         load_s,
-        peak_rss_mib(),
+        peak,
         load_peak / resident,
         m.threads(),
         m.kernel().map_or("none", |k| k.name())

@@ -11,7 +11,7 @@ use crate::meta::{
     ArchitectureMeta, GenerationDefaults, ModelMeta, DATA_FILE, FORMAT_VERSION, ONNX_FILE,
     TOKENIZER_FILE,
 };
-use crate::onnx::bitnet::{self, GraphError, LayerDone, TableFormats};
+use crate::onnx::bitnet::{self, EmbeddingFormat, GraphError, HeadFormat, LayerDone, TableFormats};
 
 /// Tokens that end a turn or a text in the tokenizers of the BitNet family and its peers.
 const STOP_TOKENS: &[&str] = &[
@@ -43,8 +43,10 @@ pub enum ExportError {
 pub struct ExportOptions {
     /// The model's name in `bitnetd.json` (default: the source directory's name).
     pub name: Option<String>,
-    /// How the output layer and the embedding are stored.
-    pub tables: TableFormats,
+    /// How the output layer is stored; `None` chooses by size (see [`head_for`]).
+    pub head: Option<HeadFormat>,
+    /// How the embedding table is stored.
+    pub embedding: EmbeddingFormat,
 }
 
 /// What an export produced.
@@ -54,6 +56,21 @@ pub struct ExportSummary {
     pub meta: ModelMeta,
     pub onnx_bytes: u64,
     pub data_bytes: u64,
+}
+
+/// An f32 output layer larger than this is exported as int8 unless asked otherwise.
+pub const AUTO_INT8_HEAD_BYTES: u64 = 256 << 20;
+
+/// The output layer's default storage: f32 (logits as transformers computes them) while it is small, int8 beyond
+/// [`AUTO_INT8_HEAD_BYTES`]. For 2B-4T the f32 layer alone is 1.3 GB and its load peaks past a 4 GB budget; int8
+/// reads a quarter of the bytes per token and moves logits by about 1% (tests/reference.rs).
+pub fn head_for(arch: &Architecture) -> HeadFormat {
+    let f32_bytes = (arch.vocab_size * arch.hidden_size * 4) as u64;
+    if f32_bytes > AUTO_INT8_HEAD_BYTES {
+        HeadFormat::Int8
+    } else {
+        HeadFormat::F32
+    }
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
@@ -94,12 +111,16 @@ pub fn export(
         "exporting {} layers, hidden {}, {}/{} heads, vocab {}",
         arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.vocab_size
     ));
+    let tables = TableFormats {
+        head: opts.head.unwrap_or_else(|| head_for(&arch)),
+        embedding: opts.embedding,
+    };
     let model = bitnet::build(
         &arch,
         &weights,
         out,
         DATA_FILE,
-        opts.tables,
+        tables,
         &mut |d: LayerDone| progress(&format!("layer {}/{}", d.layer, d.layers)),
     )?;
     let onnx_path = out.join(ONNX_FILE);
@@ -154,8 +175,8 @@ pub fn export(
             tied_embeddings: arch.tie_word_embeddings,
             linear_class: arch.linear_class,
             ternary_storage: "2bit".into(),
-            head_format: opts.tables.head,
-            embedding_format: opts.tables.embedding,
+            head_format: tables.head,
+            embedding_format: tables.embedding,
         },
         context_length: arch.context_length,
         bos_token_id: arch

@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use bitnetd::config::{Config, Env};
-use bitnetd::onnx::bitnet::{EmbeddingFormat, HeadFormat, TableFormats};
+use bitnetd::onnx::bitnet::{EmbeddingFormat, HeadFormat};
 use bitnetd::protocol::Route;
 
 use bitnetd::default_model::default_model_dir;
@@ -69,9 +69,9 @@ enum Command {
         /// Model name recorded in bitnetd.json (default: the checkpoint directory's name).
         #[arg(long)]
         name: Option<String>,
-        /// Storage of the output layer: f32 (logits as transformers computes them) or int8 (a quarter of the
-        /// bytes read per token, logits within about 1%; recommended for 2B-4T-size models on a Pi).
-        #[arg(long, value_enum, default_value = "f32")]
+        /// Storage of the output layer: auto (f32 up to 256 MiB, else int8), f32 (logits as transformers
+        /// computes them) or int8 (a quarter of the bytes read per token, logits within about 1%).
+        #[arg(long, value_enum, default_value = "auto")]
         head: HeadArg,
         /// Storage of the embedding table: float (f16 when exact) or int8 (smallest model; logits move by a
         /// few percent, see tests/reference.rs).
@@ -84,6 +84,7 @@ enum Command {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum HeadArg {
+    Auto,
     F32,
     Int8,
 }
@@ -215,17 +216,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             embedding,
         } => {
             init_cli_logging();
-            let tables = TableFormats {
-                head: match head {
-                    HeadArg::F32 => HeadFormat::F32,
-                    HeadArg::Int8 => HeadFormat::Int8,
-                },
-                embedding: match embedding {
-                    EmbeddingArg::Float => EmbeddingFormat::Float,
-                    EmbeddingArg::Int8 => EmbeddingFormat::Int8,
-                },
+            let head = match head {
+                HeadArg::Auto => None,
+                HeadArg::F32 => Some(HeadFormat::F32),
+                HeadArg::Int8 => Some(HeadFormat::Int8),
             };
-            let opts = bitnetd::export::ExportOptions { name, tables };
+            let embedding = match embedding {
+                EmbeddingArg::Float => EmbeddingFormat::Float,
+                EmbeddingArg::Int8 => EmbeddingFormat::Int8,
+            };
+            let opts = bitnetd::export::ExportOptions {
+                name,
+                head,
+                embedding,
+            };
             let summary =
                 bitnetd::export::export(&from, &out, &opts, &mut |line| eprintln!("{line}"))
                     .with_context(|| format!("exporting {}", from.display()))?;

@@ -10,7 +10,6 @@ use bitnetd::engine::{
     FinishReason, GenerateParams, LoadOptions, Message, Model, Prompt, SamplingParams,
 };
 use bitnetd::meta::{ModelMeta, DATA_FILE, META_FILE, ONNX_FILE, TOKENIZER_FILE};
-use bitnetd::onnx::bitnet::TableFormats;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -29,10 +28,8 @@ fn committed_export_is_up_to_date() {
     let out = tempfile::tempdir().unwrap();
     let opts = bitnetd::export::ExportOptions {
         name: Some(meta.name.clone()),
-        tables: TableFormats {
-            head: meta.architecture.head_format,
-            embedding: meta.architecture.embedding_format,
-        },
+        head: Some(meta.architecture.head_format),
+        embedding: meta.architecture.embedding_format,
     };
     bitnetd::export::export(
         &root().join("models/default-hf"),

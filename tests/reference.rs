@@ -224,7 +224,8 @@ fn int8_embedding_effect_is_bounded() {
 /// first difference, greedy tokens expected).
 fn int8_effect(tables: TableFormats) -> Vec<(&'static str, String, f32, usize, usize)> {
     let opts = ExportOptions {
-        tables,
+        head: Some(tables.head),
+        embedding: tables.embedding,
         ..Default::default()
     };
     let mut out = vec![];

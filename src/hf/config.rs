@@ -222,12 +222,12 @@ impl RawConfig {
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / heads.max(1));
         let bad = |m: String| Err(HfError::Config(m));
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return bad(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             ));
         }
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {head_dim} must be even (RoPE rotates halves)"
             ));

@@ -54,7 +54,7 @@ pub enum HeadFormat {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EmbeddingFormat {
-    /// f16 when every value converts exactly (bf16 and f16 checkpoints), else f32.
+    /// f16 when every value fits (bf16 and f16 checkpoints; see `fits_f16`), else f32.
     #[default]
     Float,
     /// int8 with one scale per row, shared with an int8 output layer when tied: the smallest model. The input
@@ -356,7 +356,7 @@ pub fn build(
     let embed = w.floats("model.embed_tokens.weight", &[vocab, hidden])?;
     let mut shared = None;
     let mut x = match formats.embedding {
-        // f16 when that is exact (bf16 and f16 checkpoints).
+        // f16 when every value fits (bf16 and f16 checkpoints), see `fits_f16`.
         EmbeddingFormat::Float => {
             let lookup = embedding_table(&mut cx.g, &embed, vocab, hidden)?;
             let x = cx.g.op(
@@ -612,15 +612,22 @@ pub fn build(
     )?)
 }
 
-/// The embedding lookup table: f16 when every value converts exactly, else f32. Returns (name, is_f16).
+/// Whether `v` survives f16 without a loss that matters: exactly, or, below f16's normal range (|v| < 2^-14),
+/// within half a subnormal step (2^-25 ≈ 3e-8 absolute). bf16 checkpoints (2B-4T) hold such tiny values, and
+/// storing their table as f32 instead would double it (657 MB → 1.3 GB).
+fn fits_f16(v: f32) -> bool {
+    let h = half::f16::from_f32(v).to_f32();
+    h == v || (v.abs() < f32::powi(2.0, -14) && (h - v).abs() <= f32::powi(2.0, -25))
+}
+
+/// The embedding lookup table: f16 when every value fits (see [`fits_f16`]), else f32. Returns (name, is_f16).
 fn embedding_table(
     g: &mut GraphBuilder,
     embed: &[f32],
     vocab: usize,
     hidden: usize,
 ) -> std::io::Result<(String, bool)> {
-    let exact = embed.iter().all(|&v| half::f16::from_f32(v).to_f32() == v);
-    if exact {
+    if embed.iter().all(|&v| fits_f16(v)) {
         let raw: Vec<u8> = embed
             .iter()
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
@@ -690,4 +697,19 @@ fn io(arch: &Architecture) -> (Vec<ValueInfoProto>, Vec<ValueInfoProto>) {
         }
     }
     (inputs, outputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fits_f16;
+
+    #[test]
+    fn f16_tables_lose_nothing_that_matters() {
+        // Exact: every bf16 value in f16's normal range.
+        assert!(fits_f16(0.0) && fits_f16(-1.5) && fits_f16(0.0078125) && fits_f16(60000.0));
+        // Below the normal range: within half a subnormal step.
+        assert!(fits_f16(1e-6) && fits_f16(-3e-7) && fits_f16(1e-9));
+        // f32 precision f16 cannot hold, and values out of its range.
+        assert!(!fits_f16(1.0 + f32::EPSILON) && !fits_f16(0.1) && !fits_f16(70000.0));
+    }
 }
