@@ -26,6 +26,8 @@ enum Fill {
     Random,
     Zero,
     Max,
+    /// `-hi`: -127 for activations, the most negative value the quantizer produces.
+    NegMax,
     Min,
     Alternating,
 }
@@ -36,6 +38,7 @@ fn values(rng: &mut SmallRng, len: usize, fill: Fill, lo: i8, hi: i8) -> Vec<i8>
             Fill::Random => rng.random_range(lo..=hi),
             Fill::Zero => 0,
             Fill::Max => hi,
+            Fill::NegMax => -hi,
             Fill::Min => lo,
             Fill::Alternating => {
                 if i % 2 == 0 {
@@ -51,10 +54,11 @@ fn values(rng: &mut SmallRng, len: usize, fill: Fill, lo: i8, hi: i8) -> Vec<i8>
 const KS: [usize; 10] = [1, 5, 31, 127, 128, 129, 255, 256, 300, 2560];
 const NS: [usize; 6] = [1, 2, 3, 33, 65, 130];
 const MS: [usize; 6] = [1, 2, 3, 4, 5, 9];
-const FILLS: [Fill; 5] = [
+const FILLS: [Fill; 6] = [
     Fill::Random,
     Fill::Zero,
     Fill::Max,
+    Fill::NegMax,
     Fill::Min,
     Fill::Alternating,
 ];
