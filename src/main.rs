@@ -69,30 +69,17 @@ enum Command {
         /// Model name recorded in bitnetd.json (default: the checkpoint directory's name).
         #[arg(long)]
         name: Option<String>,
-        /// Storage of the output layer: auto (f32 up to 256 MiB, else int8), f32 (logits as transformers
-        /// computes them) or int8 (a quarter of the bytes read per token, logits within about 1%).
-        #[arg(long, value_enum, default_value = "auto")]
-        head: HeadArg,
+        /// Storage of the output layer: f32 (logits as transformers computes them) or int8 (a quarter of the
+        /// bytes read per token, logits within about 1%). Without it: f32 up to 256 MiB, else int8.
+        #[arg(long, value_enum)]
+        head: Option<HeadFormat>,
         /// Storage of the embedding table: float (f16 when exact) or int8 (smallest model; logits move by a
         /// few percent, see tests/reference.rs).
-        #[arg(long, value_enum, default_value = "float")]
-        embedding: EmbeddingArg,
+        #[arg(long, value_enum, default_value_t)]
+        embedding: EmbeddingFormat,
     },
     /// Generate text with a model, without the daemon.
     Generate(GenerateArgs),
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum HeadArg {
-    Auto,
-    F32,
-    Int8,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum EmbeddingArg {
-    Float,
-    Int8,
 }
 
 #[derive(clap::Args)]
@@ -216,15 +203,6 @@ fn dispatch(cli: Cli) -> Result<()> {
             embedding,
         } => {
             init_cli_logging();
-            let head = match head {
-                HeadArg::Auto => None,
-                HeadArg::F32 => Some(HeadFormat::F32),
-                HeadArg::Int8 => Some(HeadFormat::Int8),
-            };
-            let embedding = match embedding {
-                EmbeddingArg::Float => EmbeddingFormat::Float,
-                EmbeddingArg::Int8 => EmbeddingFormat::Int8,
-            };
             let opts = bitnetd::export::ExportOptions {
                 name,
                 head,

@@ -20,6 +20,25 @@ fn hsum(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// The four code vectors of the block at `p`, each lined up with 32 consecutive activations (see
+/// [`super::pack`]). `vpsrlw` shifts across byte boundaries, but the mask keeps only the two bits that came from
+/// the same byte.
+///
+/// # Safety
+/// 32 bytes must be readable at `p` (unaligned is fine).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack(p: *const u8) -> [__m256i; 4] {
+    let mask = _mm256_set1_epi8(3);
+    let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+    [
+        _mm256_and_si256(v, mask),
+        _mm256_and_si256(_mm256_srli_epi16(v, 2), mask),
+        _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+        _mm256_and_si256(_mm256_srli_epi16(v, 6), mask),
+    ]
+}
+
 /// # Safety
 /// AVX2 must be available; `w` holds `blocks` blocks and every `x` at least `blocks * BLOCK` values.
 #[target_feature(enable = "avx2")]
@@ -28,18 +47,11 @@ pub(super) unsafe fn ternary_dot_avx2<const M: usize>(
     xs: [&[i8]; M],
     blocks: usize,
 ) -> [i32; M] {
-    let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_si256(); M];
     for b in 0..blocks {
-        // SAFETY: in bounds by the caller's contract; unaligned loads.
-        let v = unsafe { _mm256_loadu_si256(w.as_ptr().add(b * BLOCK_BYTES) as *const __m256i) };
-        let codes = [
-            _mm256_and_si256(v, mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 2), mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 6), mask),
-        ];
+        // SAFETY: in bounds by the caller's contract.
+        let codes = unsafe { unpack(w.as_ptr().add(b * BLOCK_BYTES)) };
         for m in 0..M {
             let xp = xs[m][b * BLOCK..].as_ptr();
             let mut s = _mm256_setzero_si256();
@@ -100,19 +112,12 @@ pub(super) unsafe fn ternary_dot_vnni<const M: usize>(
     xs: [&[i8]; M],
     blocks: usize,
 ) -> [i32; M] {
-    let mask = _mm256_set1_epi8(3);
     // One accumulator per code vector: `vpdpbusd` has a latency of several cycles, and a single chain per row
     // would serialize on it.
     let mut acc = [[_mm256_setzero_si256(); 4]; M];
     for b in 0..blocks {
-        // SAFETY: in bounds by the caller's contract; unaligned loads.
-        let v = unsafe { _mm256_loadu_si256(w.as_ptr().add(b * BLOCK_BYTES) as *const __m256i) };
-        let codes = [
-            _mm256_and_si256(v, mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 2), mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 6), mask),
-        ];
+        // SAFETY: in bounds by the caller's contract.
+        let codes = unsafe { unpack(w.as_ptr().add(b * BLOCK_BYTES)) };
         for m in 0..M {
             let xp = xs[m][b * BLOCK..].as_ptr();
             for (i, c) in codes.iter().enumerate() {

@@ -38,7 +38,17 @@ pub struct LayerDone {
 }
 
 /// How the output layer is stored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HeadFormat {
     /// f32, run by tract's f32 matmul: logits as transformers computes them.
@@ -51,7 +61,17 @@ pub enum HeadFormat {
 }
 
 /// How the token embedding (lookup table) is stored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EmbeddingFormat {
     /// f16 when every value fits (bf16 and f16 checkpoints; see `fits_f16`), else f32.
