@@ -8,8 +8,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::KvModel;
+use crate::cloud::{self, key, Connectivity, KimiClient};
 use crate::config::{Config, ConfigError};
-use crate::dispatch::{DispatchOptions, Dispatcher};
+use crate::deferred::{DeferredQueue, Deliver, Forwarder};
+use crate::dispatch::{CloudRoute, DispatchOptions, Dispatcher};
 use crate::engine::{Engine, EngineError, EngineOptions, LoadOptions, Model};
 use crate::governor::{self, policy::Limits, telemetry::Telemetry};
 use crate::mqtt::{Mqtt, MqttError};
@@ -31,6 +33,15 @@ pub enum DaemonError {
     /// The model is missing or does not fit the budget.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The cloud client could not be set up (an unusable `ca_file`).
+    #[error("cloud: {0}")]
+    Cloud(#[from] cloud::CloudError),
+    /// A configured API key file cannot be used.
+    #[error(transparent)]
+    Key(#[from] key::KeyError),
+    /// The deferred queue's directory cannot be used.
+    #[error(transparent)]
+    Queue(#[from] crate::deferred::QueueError),
 }
 
 /// Runs the daemon until `shutdown` is cancelled. Returns once every accepted request is answered (or the
@@ -70,6 +81,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         shutdown.clone(),
     );
     tokio::spawn(apply_threads(budget.clone(), model.clone()));
+    let (cloud, deliveries) = match start_cloud(&config, &shutdown)? {
+        Some((route, deliveries)) => (Some(route), Some(deliveries)),
+        None => (None, None),
+    };
     let dispatcher = Dispatcher::new(
         Arc::new(engine),
         DispatchOptions {
@@ -80,6 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             rss_before_model,
             budget: Some(budget),
             kv: Some(KvModel::for_estimate(&estimate, meta.context_length)),
+            cloud: cloud.clone(),
         },
     );
 
@@ -109,7 +125,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     if let Some(m) = config.mqtt.clone() {
         let broker = format!("MQTT {}:{} ({})", m.host, m.port, m.request_topic());
-        let mqtt = Mqtt::new(m, dispatcher.clone())?;
+        let deliveries = cloud
+            .as_ref()
+            .zip(deliveries)
+            .map(|(c, d)| (c.queue.clone(), d));
+        let mqtt = Mqtt::new(m, dispatcher.clone(), deliveries)?;
         tracker.spawn(mqtt.run(stop_accepting.clone()));
         where_ = format!("{where_} and {broker}");
     }
@@ -143,6 +163,56 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     watchdog.abort();
     log::info!("stopped");
     Ok(())
+}
+
+/// Sets up the cloud route when `[cloud]` is enabled and a key is found: the client, the connectivity probes,
+/// the deferred queue (recovered from disk) and its forwarder. `None`: everything runs locally.
+fn start_cloud(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<(CloudRoute, Deliver)>, DaemonError> {
+    let c = &config.cloud;
+    if !c.enabled {
+        log::info!("cloud disabled in the configuration: every request runs on the board");
+        return Ok(None);
+    }
+    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    let found = key::find(creds.as_deref(), c.api_key_file.as_deref(), &|v| {
+        std::env::var(v).ok()
+    })?;
+    let Some((api_key, source)) = found else {
+        log::info!(
+            "no Kimi API key found: the cloud route is off (see [cloud] in the configuration)"
+        );
+        return Ok(None);
+    };
+    let link = Arc::new(Connectivity::new());
+    let client = Arc::new(KimiClient::new(c, api_key, link.clone())?);
+    let (queue, rec) = DeferredQueue::open(&config.defer)?;
+    let queue = Arc::new(queue);
+    log::info!(base_url = c.base_url.as_str(), model = c.model.as_str(), key_from:% = source,
+        state_dir:? = config.defer.state_dir, deferred = rec.tasks, resent = rec.unknown_outcome,
+        results = rec.results; "cloud route on");
+    if rec.unknown_outcome > 0 {
+        log::warn!(tasks = rec.unknown_outcome;
+            "deferred tasks were being sent when bitnetd stopped; their outcome is unknown, so they are sent again");
+    }
+    {
+        let (link, client, stop) = (link.clone(), client.clone(), shutdown.clone());
+        let (every, timeout) = (c.probe_every, c.probe_timeout);
+        tokio::spawn(async move { link.run_probes(&client, every, timeout, stop).await });
+    }
+    let (forwarder, deliveries) = Forwarder::new(queue.clone(), client.clone(), link.subscribe());
+    tokio::spawn(forwarder.run(shutdown.clone()));
+    Ok(Some((
+        CloudRoute {
+            client,
+            link,
+            queue,
+            router: config.router.clone(),
+        },
+        deliveries,
+    )))
 }
 
 /// Loads the model off the runtime, asking systemd for more start time while it takes. `None` when shutdown

@@ -11,7 +11,9 @@
 //! - [`config`]: the TOML configuration, raw then validated.
 //! - [`daemon`]: `bitnetd run`, wiring everything below together under a shutdown token.
 //! - [`protocol`]: the JSON wire format and error codes shared by every source.
-//! - [`router`]: where a request runs, as a pure function.
+//! - [`router`]: where a request runs, as a pure function (and the complexity heuristic it uses).
+//! - [`cloud`]: the Kimi client, its limits, and the connectivity monitor.
+//! - [`deferred`]: the durable store-and-forward queue and the forwarder.
 //! - [`dispatch`]: from parsed requests to engine jobs and replies; status counters; draining.
 //! - [`inflight`]: the set of requests in flight (by key, cancellable, awaitable until empty).
 //! - [`server`]: the Unix socket API (listener, connections, line reading).
@@ -19,13 +21,17 @@
 //! - [`budget`]: memory estimates and the process's resident size.
 //! - [`governor`]: board telemetry (temperature, throttling, memory, pressure) and the pure budget policy.
 //! - [`systemd`]: readiness, status, watchdog; [`logging`]: journald or stderr.
+//! - [`backoff`]: exponential backoff with jitter.
 //! - [`client`]: the blocking clients behind `bitnetd ask` and `bitnetd status`.
 
+pub mod backoff;
 pub mod budget;
 pub mod client;
+pub mod cloud;
 pub mod config;
 pub mod daemon;
 pub mod default_model;
+pub mod deferred;
 pub mod dispatch;
 pub mod engine;
 pub mod export;

@@ -83,6 +83,9 @@ impl StopStrings {
 pub enum Command {
     /// Reply with a [`Reply::Status`].
     Status,
+    /// `{"cmd":"result","id":...}`: the result of a deferred request (its `done` or `error`), a `deferred`
+    /// reply while it waits, or `not_found`.
+    Result,
 }
 
 /// One parsed incoming message.
@@ -212,6 +215,11 @@ pub enum ErrorCode {
     Expired,
     /// The request must go to the cloud, which is off or unreachable.
     CloudUnavailable,
+    /// The cloud failed; `cause` says why (`rate_limited`, `quota_exceeded`, `unauthorized`, `timeout`,
+    /// `cut`, ...) and `retry_after_ms` when waiting helps.
+    CloudError,
+    /// `{"cmd":"result"}` for an id that is not deferred (or whose result passed its retention).
+    NotFound,
     /// The daemon is stopping and takes no new work.
     ShuttingDown,
     /// A fault of the daemon; the message says more.
@@ -228,6 +236,8 @@ pub struct WireError {
     pub message: String,
     /// When retrying may succeed, a hint of how long to wait.
     pub retry_after_ms: Option<u64>,
+    /// For `cloud_error`: the cause, one word (see [`crate::cloud::Cause`]).
+    pub cause: Option<&'static str>,
 }
 
 impl WireError {
@@ -237,6 +247,25 @@ impl WireError {
             code,
             message: message.into(),
             retry_after_ms: None,
+            cause: None,
+        }
+    }
+
+    /// A `cloud_error` reply for a failed cloud request.
+    pub fn cloud(e: &crate::cloud::CloudError) -> WireError {
+        let code = match e.cause {
+            crate::cloud::Cause::Deadline => ErrorCode::Deadline,
+            _ => ErrorCode::CloudError,
+        };
+        WireError {
+            id: None,
+            code,
+            message: e.message.clone(),
+            retry_after_ms: e
+                .retry_after
+                .filter(|_| e.cause.retryable() || e.cause == crate::cloud::Cause::CircuitOpen)
+                .map(|d| d.as_millis() as u64),
+            cause: Some(e.cause.as_str()),
         }
     }
 
@@ -288,8 +317,32 @@ pub struct Timing {
     pub tokens_per_s: f64,
 }
 
+impl Timing {
+    /// The timing of a request that did not queue (a cloud request): `ttft` and `total` from acceptance, the
+    /// decode rate over the tokens after the first.
+    pub fn measured(
+        ttft: std::time::Duration,
+        total: std::time::Duration,
+        completion_tokens: usize,
+    ) -> Timing {
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let decode = total.saturating_sub(ttft);
+        let tokens_per_s = if completion_tokens < 2 || decode.is_zero() {
+            0.0
+        } else {
+            ((completion_tokens - 1) as f64 / decode.as_secs_f64() * 10.0).round() / 10.0
+        };
+        Timing {
+            queue_ms: 0.0,
+            ttft_ms: ms(ttft),
+            total_ms: ms(total),
+            tokens_per_s,
+        }
+    }
+}
+
 /// Where a request ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Served {
     Local,
@@ -297,13 +350,25 @@ pub enum Served {
 }
 
 /// The terminal reply of a successful request.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Done {
     pub id: Id,
     /// The whole answer; only when the request did not stream.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
     pub route: Served,
+    /// Why it went there (`simple`, `complex`, `too_long_for_local`, `deadline`, `board_busy`, `private`,
+    /// `requested`, `cloud_offline`).
+    pub route_reason: String,
+    /// Set when it was meant for the cloud and ran locally instead: the cloud's failure cause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// A cloud answer served from the cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
+    /// Set when it was deferred and forwarded later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deferred: bool,
     pub model: String,
     pub finish_reason: FinishReason,
     pub usage: Usage,
@@ -311,13 +376,15 @@ pub struct Done {
 }
 
 /// The terminal reply of a failed request (or a reply to a message that could not be read).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorReply {
     pub id: Option<Id>,
     pub code: ErrorCode,
     pub message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 impl From<WireError> for ErrorReply {
@@ -327,6 +394,7 @@ impl From<WireError> for ErrorReply {
             code: e.code,
             message: e.message,
             retry_after_ms: e.retry_after_ms,
+            cause: e.cause.map(str::to_string),
         }
     }
 }
@@ -335,16 +403,47 @@ impl From<WireError> for ErrorReply {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Reply {
-    Token { id: Id, text: String },
+    Token {
+        id: Id,
+        text: String,
+    },
     Done(Done),
     Error(ErrorReply),
+    /// The request is stored and will be forwarded to the cloud when it is reachable (terminal for the
+    /// request; its result comes later, see [`Command::Result`]). Also the answer to `{"cmd":"result"}` while
+    /// it waits.
+    Deferred {
+        id: Id,
+        /// Its place in the queue, 1 = next.
+        position: usize,
+    },
     Status(Box<crate::dispatch::Status>),
 }
 
+/// A terminal reply as stored for a deferred request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum StoredReply {
+    Done(Done),
+    Error(ErrorReply),
+}
+
+impl From<StoredReply> for Reply {
+    fn from(r: StoredReply) -> Reply {
+        match r {
+            StoredReply::Done(d) => Reply::Done(d),
+            StoredReply::Error(e) => Reply::Error(e),
+        }
+    }
+}
+
 impl Reply {
-    /// True for `done` and `error`: the last reply a request gets.
+    /// True for `done`, `error` and `deferred`: the last reply a request gets.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Reply::Done(_) | Reply::Error(_))
+        matches!(
+            self,
+            Reply::Done(_) | Reply::Error(_) | Reply::Deferred { .. }
+        )
     }
 
     /// The reply as one line of JSON, newline included.

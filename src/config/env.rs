@@ -24,8 +24,11 @@ impl Env {
     /// Set by systemd's `RuntimeDirectory=` (several paths are separated by `:`).
     pub const RUNTIME_DIRECTORY: &'static str = "RUNTIME_DIRECTORY";
     pub const XDG_RUNTIME_DIR: &'static str = "XDG_RUNTIME_DIR";
+    /// Set by systemd's `StateDirectory=` (several paths are separated by `:`).
+    pub const STATE_DIRECTORY: &'static str = "STATE_DIRECTORY";
+    pub const XDG_STATE_HOME: &'static str = "XDG_STATE_HOME";
 
-    const ALL: [&'static str; 7] = [
+    const ALL: [&'static str; 9] = [
         Env::CONFIG,
         Env::MODEL,
         Env::THREADS,
@@ -33,6 +36,8 @@ impl Env {
         Env::LOG,
         Env::RUNTIME_DIRECTORY,
         Env::XDG_RUNTIME_DIR,
+        Env::STATE_DIRECTORY,
+        Env::XDG_STATE_HOME,
     ];
 
     /// Reads the process environment (unset and empty variables are absent).
@@ -87,5 +92,20 @@ impl Env {
         }
         let cwd = self.cwd.clone().unwrap_or_else(|| PathBuf::from("."));
         (cwd.join(NAME), "the working directory")
+    }
+
+    /// Where durable state (the deferred queue) lives: `$STATE_DIRECTORY` (its first entry), else
+    /// `$XDG_STATE_HOME/bitnetd`, else `bitnetd-state` in the working directory.
+    pub fn default_state_dir(&self) -> PathBuf {
+        if let Some(dir) = self.get(Env::STATE_DIRECTORY) {
+            return PathBuf::from(dir.split(':').next().unwrap_or(&dir));
+        }
+        if let Some(dir) = self.path(Env::XDG_STATE_HOME) {
+            return dir.join("bitnetd");
+        }
+        self.cwd
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("bitnetd-state")
     }
 }

@@ -2,6 +2,7 @@
 //! the validated result with defaults and environment overrides applied. Every error names the key and, when
 //! the file has it, the line.
 
+mod cloud;
 mod env;
 mod error;
 pub mod raw;
@@ -10,6 +11,7 @@ mod spans;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cloud::{CloudConfig, DeferConfig, RawCloud, RawDefer, RawRouter, RouterConfig};
 pub use env::Env;
 
 use crate::budget::MemoryEstimate;
@@ -32,6 +34,10 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `None` when MQTT is off.
     pub mqtt: Option<MqttConfig>,
+    /// The Kimi client; it runs only when `enabled` and a key is found.
+    pub cloud: CloudConfig,
+    pub router: RouterConfig,
+    pub defer: DeferConfig,
     /// The file's text, to name lines in later checks.
     text: String,
 }
@@ -494,9 +500,15 @@ fn validate(
         Some(m) => Some(validate_mqtt(m, invalid)?),
         None => None,
     };
+    let cloud = cloud::validate_cloud(&raw.cloud, invalid)?;
+    let router = cloud::validate_router(&raw.router, invalid)?;
+    let defer = cloud::validate_defer(&raw.defer, env, invalid)?;
     Ok(Config {
         source: None,
         mqtt,
+        cloud,
+        router,
+        defer,
         model: ModelConfig {
             path: model_path,
             threads,

@@ -16,6 +16,9 @@ pub struct RawConfig {
     pub logging: RawLogging,
     /// Present (even empty) turns MQTT on.
     pub mqtt: Option<RawMqtt>,
+    pub cloud: super::cloud::RawCloud,
+    pub router: super::cloud::RawRouter,
+    pub defer: super::cloud::RawDefer,
 }
 
 /// `[model]`: which model, and how many threads run it.

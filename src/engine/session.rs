@@ -16,8 +16,8 @@ use super::{EngineError, Model};
 pub const PREFILL_CHUNK: usize = 256;
 
 /// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// A stop token or stop string.
     Stop,
@@ -27,6 +27,8 @@ pub enum FinishReason {
     Cancelled,
     /// A budget ended it early: the request's deadline passed while it ran.
     Budget,
+    /// The cloud model's content filter ended it.
+    ContentFilter,
 }
 
 /// One generated token, as streamed.

@@ -58,7 +58,8 @@ pub fn request_key(addr: &ReplyAddress, id: &str) -> String {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex of `b`.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -115,12 +116,18 @@ impl Dedup {
     }
 }
 
-/// The wait before reconnect attempt `attempt` (0-based): doubling from `min`, capped at `max`, then scaled by
-/// `jitter` in [0, 1) to between half and all of it, so that a fleet does not reconnect in lockstep.
-pub fn backoff(attempt: u32, min: Duration, max: Duration, jitter: f64) -> Duration {
-    let base = min.saturating_mul(1u32 << attempt.min(20)).min(max);
-    base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+/// The bytes of lower-case or upper-case hex text; `None` if it is not hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
+
+pub use crate::backoff::backoff;
 
 #[cfg(test)]
 mod tests {
@@ -226,15 +233,5 @@ mod tests {
         }
         assert!(d.len() <= 3);
         assert!(d.first_time("a", t0), "the oldest was evicted");
-    }
-
-    #[test]
-    fn backoff_doubles_caps_and_jitters() {
-        let (min, max) = (Duration::from_millis(250), Duration::from_secs(30));
-        assert_eq!(backoff(0, min, max, 1.0), Duration::from_millis(250));
-        assert_eq!(backoff(3, min, max, 1.0), Duration::from_millis(2000));
-        assert_eq!(backoff(30, min, max, 1.0), max);
-        assert_eq!(backoff(3, min, max, 0.0), Duration::from_millis(1000));
-        assert!(backoff(3, min, max, 0.5) < Duration::from_millis(2000));
     }
 }

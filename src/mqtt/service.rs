@@ -16,11 +16,14 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
+use crate::deferred::{DeferredQueue, Deliver, ReplyTo, StoredResult};
 use crate::dispatch::{Dispatcher, Origin, Ticket};
 use crate::inflight::InFlight;
 use crate::protocol::{self, ErrorCode, Incoming, Reply, WireError};
 
-use super::addressing::{backoff, reply_address, request_key, Dedup, ReplyAddress, ReplyHints};
+use super::addressing::{
+    backoff, from_hex, hex, reply_address, request_key, Dedup, ReplyAddress, ReplyHints,
+};
 use super::options::mqtt_options;
 use super::{MqttError, CONTENT_TYPE};
 
@@ -38,6 +41,8 @@ const FLUSH_GRACE: Duration = Duration::from_secs(5);
 pub struct Mqtt {
     shared: Arc<Shared>,
     events: EventLoop,
+    /// Results of deferred MQTT requests to publish, and the queue to record their publication in.
+    deliveries: Option<(Arc<DeferredQueue>, Deliver)>,
 }
 
 struct Shared {
@@ -49,7 +54,11 @@ struct Shared {
 
 impl Mqtt {
     /// Checks the TLS files and credentials and prepares the connection (nothing is sent yet).
-    pub fn new(cfg: MqttConfig, dispatcher: Arc<Dispatcher>) -> Result<Mqtt, MqttError> {
+    pub fn new(
+        cfg: MqttConfig,
+        dispatcher: Arc<Dispatcher>,
+        deliveries: Option<(Arc<DeferredQueue>, Deliver)>,
+    ) -> Result<Mqtt, MqttError> {
         let offline = status_payload(&cfg, &dispatcher, "offline");
         let opts = mqtt_options(&cfg, &offline)?;
         let (client, events) = AsyncClient::new(opts, CLIENT_QUEUE);
@@ -61,13 +70,22 @@ impl Mqtt {
                 in_flight: InFlight::default(),
             }),
             events,
+            deliveries,
         })
     }
 
     /// Runs until `stop`, then answers what is in flight, publishes the retained `offline` status and
     /// disconnects cleanly.
     pub async fn run(self, stop: CancellationToken) {
-        let Mqtt { shared, mut events } = self;
+        let Mqtt {
+            shared,
+            mut events,
+            deliveries,
+        } = self;
+        let (queue, mut deliveries) = match deliveries {
+            Some((q, d)) => (Some(q), Some(d)),
+            None => (None, None),
+        };
         let cfg = &shared.cfg;
         let broker = format!("{}:{}", cfg.host, cfg.port);
         let mut dedup = Dedup::new(DEDUP_CAPACITY, DEDUP_TTL);
@@ -135,6 +153,9 @@ impl Mqtt {
                         shared.publish_status(status_payload(cfg, &shared.dispatcher, "draining"));
                     }
                 }
+                Some(r) = next_delivery(&mut deliveries), if connected && !stopping => {
+                    shared.deliver(&r, queue.as_deref()).await;
+                }
                 _ = shared.in_flight.empty(), if stopping => break,
             }
         }
@@ -155,7 +176,42 @@ impl Mqtt {
     }
 }
 
+/// The next deferred result to publish; pending forever without a forwarder.
+async fn next_delivery(d: &mut Option<Deliver>) -> Option<StoredResult> {
+    match d {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Shared {
+    /// Publishes a deferred request's result to its reply address (QoS 1) and records it as delivered.
+    async fn deliver(&self, r: &StoredResult, queue: Option<&DeferredQueue>) {
+        let ReplyTo::Mqtt { topic, correlation } = &r.reply_to else {
+            return;
+        };
+        let addr = ReplyAddress {
+            topic: topic.clone(),
+            correlation: correlation.as_deref().and_then(from_hex).map(Bytes::from),
+        };
+        let (topic, payload, props) = message(&addr, &r.reply.clone().into());
+        match self
+            .client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
+            .await
+        {
+            Ok(()) => {
+                log::info!(seq = r.seq, id:% = r.id; "deferred result published");
+                if let Some(q) = queue {
+                    if let Err(e) = q.mark_delivered(r.seq) {
+                        log::error!("{e}");
+                    }
+                }
+            }
+            Err(e) => log::error!(seq = r.seq; "deferred result not published: {e}"),
+        }
+    }
+
     /// Handles one incoming message. Never waits: replies that must be sent from here are queued with
     /// `try_publish`.
     fn handle(self: &Arc<Self>, p: Publish, dedup: &mut Dedup) {
@@ -185,6 +241,24 @@ impl Shared {
             Err(e) => return self.refuse(addr, e, &p.topic),
         };
         match incoming {
+            Incoming::Command {
+                id: Some(id),
+                cmd: protocol::Command::Result,
+            } => match addr {
+                Some(a) => self.try_send(&a, &self.dispatcher.result(&id), QoS::AtLeastOnce),
+                None => log::warn!("MQTT result request without a reply address"),
+            },
+            Incoming::Command {
+                id: None,
+                cmd: protocol::Command::Result,
+            } => self.refuse(
+                addr,
+                WireError::new(
+                    ErrorCode::BadRequest,
+                    "`cmd: result` needs the `id` of the deferred request",
+                ),
+                &p.topic,
+            ),
             Incoming::Command {
                 id,
                 cmd: protocol::Command::Status,
@@ -227,6 +301,10 @@ impl Shared {
                     start_by: props
                         .message_expiry_interval
                         .map(|s| received + Duration::from_secs(s.into())),
+                    reply_to: ReplyTo::Mqtt {
+                        topic: addr.topic.clone(),
+                        correlation: addr.correlation.as_ref().map(|c| hex(c)),
+                    },
                 };
                 match self.dispatcher.submit(*req, origin) {
                     Ok(ticket) => {

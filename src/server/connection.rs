@@ -132,6 +132,21 @@ async fn handle(
                 .send(Reply::Status(Box::new(dispatcher.status(id))))
                 .await;
         }
+        Ok(Incoming::Command {
+            id,
+            cmd: protocol::Command::Result,
+        }) => match id {
+            Some(id) => {
+                let _ = out.send(dispatcher.result(&id)).await;
+            }
+            None => {
+                reply(WireError::new(
+                    ErrorCode::BadRequest,
+                    "`{\"cmd\":\"result\"}` needs the `id` of the deferred request",
+                ))
+                .await
+            }
+        },
         Ok(Incoming::Cancel { id }) => in_flight.cancel(&key(&id)),
         Ok(Incoming::Request(req)) => {
             // Only this task adds to this connection's set, so the checks below still hold at the insert.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod kimi;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -101,6 +102,11 @@ impl Daemon {
             .env_remove("JOURNAL_STREAM")
             .env_remove("BITNETD_MODEL")
             .env_remove("BITNETD_CONFIG")
+            // No test reaches the real cloud: a key comes only from the test's own `adjust`.
+            .env_remove("KIMI_API_KEY")
+            .env_remove("MOONSHOT_API_KEY")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env("STATE_DIRECTORY", dir.path().join("state"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         adjust(&mut cmd);
@@ -238,7 +244,7 @@ impl Client {
             }
             match r["type"].as_str() {
                 Some("token") => tokens.push(r["text"].as_str().unwrap().to_string()),
-                Some("done") | Some("error") => return (tokens, r),
+                Some("done") | Some("error") | Some("deferred") => return (tokens, r),
                 other => panic!("unexpected reply type {other:?}: {r}"),
             }
         }

@@ -1,0 +1,511 @@
+//! [`KimiClient`]: one streamed chat completion at a time per caller, with the client-side limits a fleet
+//! needs: a requests-per-minute limiter, a concurrency cap, connect / first-byte / stall / overall timeouts,
+//! retries with exponential backoff and jitter that honour `Retry-After` within the request's deadline, a
+//! circuit breaker, and an answer cache for deterministic requests.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Semaphore;
+use tokio::time::timeout_at;
+
+use super::breaker::Breaker;
+use super::cache::{AnswerCache, CachedAnswer};
+use super::connectivity::Connectivity;
+use super::limiter::RateLimiter;
+use super::wire::{self, ApiUsage, ChatBody, StreamItem, StreamOptions};
+use super::{ApiKey, Cause, CloudError};
+use crate::backoff::backoff;
+use crate::config::CloudConfig;
+use crate::engine::Message;
+
+/// Most bytes of an error body read.
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// One chat completion to run in the cloud.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudRequest {
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Vec<String>,
+    /// Nothing is started, waited for or retried past this.
+    pub deadline: Option<Instant>,
+    /// Retry transient failures. Off when a local fallback is waiting: then the first failure ends it.
+    pub retry: bool,
+}
+
+/// A finished cloud answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudAnswer {
+    pub text: String,
+    /// As the API says it: `stop`, `length`, `content_filter`, ...
+    pub finish_reason: String,
+    pub usage: Option<ApiUsage>,
+    /// Served from the answer cache, without a request.
+    pub cached: bool,
+    /// HTTP attempts made (0 from the cache).
+    pub attempts: u32,
+    /// From the call until the first text.
+    pub ttft: Option<Duration>,
+}
+
+/// A failed cloud request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudFailure {
+    pub error: CloudError,
+    /// Text had already been passed on when it failed (the stream was cut mid-answer).
+    pub relayed: bool,
+    pub attempts: u32,
+}
+
+/// See the module documentation. Cheap to share (`Arc`).
+pub struct KimiClient {
+    http: reqwest::Client,
+    key: ApiKey,
+    url: String,
+    models_url: String,
+    model: String,
+    cfg: CloudConfig,
+    limiter: Mutex<RateLimiter>,
+    slots: Semaphore,
+    breaker: Mutex<Breaker>,
+    cache: AnswerCache,
+    link: Arc<Connectivity>,
+}
+
+enum Attempt {
+    Done(CloudAnswer),
+    Failed { error: CloudError, relayed: bool },
+}
+
+impl KimiClient {
+    /// A client for `cfg`, reporting what it sees to `link`. Fails only on an unusable `ca_file`.
+    pub fn new(
+        cfg: &CloudConfig,
+        key: ApiKey,
+        link: Arc<Connectivity>,
+    ) -> Result<KimiClient, CloudError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .user_agent(concat!("bitnetd/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| {
+                CloudError::new(
+                    Cause::Connect,
+                    format!("[cloud] ca_file {}: {e}", ca.display()),
+                )
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                CloudError::new(
+                    Cause::Connect,
+                    format!("[cloud] ca_file {}: {e}", ca.display()),
+                )
+            })?;
+            b = b.tls_certs_merge(certs);
+        }
+        let http = b
+            .build()
+            .map_err(|e| CloudError::new(Cause::Connect, format!("HTTP client: {e}")))?;
+        let base = cfg.base_url.trim_end_matches('/');
+        Ok(KimiClient {
+            http,
+            key,
+            url: format!("{base}/chat/completions"),
+            models_url: format!("{base}/models"),
+            model: cfg.model.clone(),
+            limiter: Mutex::new(RateLimiter::new(cfg.requests_per_minute, Instant::now())),
+            slots: Semaphore::new(cfg.max_concurrency),
+            breaker: Mutex::new(Breaker::new(cfg.breaker_failures, cfg.breaker_open)),
+            cache: AnswerCache::new(cfg.cache_entries),
+            cfg: cfg.clone(),
+            link,
+        })
+    }
+
+    /// The model id requests go to.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Answers in the cache.
+    pub fn cached_answers(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// True while the breaker refuses requests.
+    pub fn circuit_open(&self) -> bool {
+        self.breaker.lock().unwrap().is_open(Instant::now())
+    }
+
+    /// Runs `req`, sending each piece of text to `tokens` as it arrives. A closed `tokens` receiver cancels
+    /// the request. Retries (when `req.retry`) only before any text was passed on.
+    pub async fn chat(
+        &self,
+        req: &CloudRequest,
+        tokens: &UnboundedSender<String>,
+    ) -> Result<CloudAnswer, CloudFailure> {
+        let started = Instant::now();
+        let body = serde_json::to_vec(&ChatBody {
+            model: &self.model,
+            messages: &req.messages,
+            stream: true,
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            stop: &req.stop,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+        })
+        .expect("the chat body serializes");
+        let cache_key = (req.temperature == Some(0.0)).then(|| AnswerCache::key(&body));
+        if let Some(hit) = cache_key.and_then(|k| self.cache.get(&k)) {
+            let _ = tokens.send(hit.text.clone());
+            return Ok(CloudAnswer {
+                text: hit.text,
+                finish_reason: hit.finish_reason,
+                usage: hit.usage,
+                cached: true,
+                attempts: 0,
+                ttft: Some(started.elapsed()),
+            });
+        }
+        let mut attempts = 0u32;
+        loop {
+            let fail = |error: CloudError, relayed: bool, attempts: u32| CloudFailure {
+                error,
+                relayed,
+                attempts,
+            };
+            let limit = self.attempt_limit(req.deadline);
+            if let Err(e) = self.admit(req, limit.0).await {
+                return Err(fail(e, false, attempts));
+            }
+            let permit = match timeout_at(limit.0.into(), self.slots.acquire()).await {
+                Ok(p) => p.expect("the semaphore is never closed"),
+                Err(_) => {
+                    return Err(fail(
+                        self.timed_out(limit, "a free cloud slot"),
+                        false,
+                        attempts,
+                    ))
+                }
+            };
+            attempts += 1;
+            let outcome = self.attempt(&body, limit, tokens, started).await;
+            drop(permit);
+            let (error, relayed) = match outcome {
+                Attempt::Done(answer) => {
+                    self.on_result(None);
+                    if let (Some(k), true) = (cache_key, answer.finish_reason == "stop") {
+                        self.cache.put(
+                            k,
+                            CachedAnswer {
+                                text: answer.text.clone(),
+                                finish_reason: answer.finish_reason.clone(),
+                                usage: answer.usage,
+                            },
+                        );
+                    }
+                    return Ok(CloudAnswer { attempts, ..answer });
+                }
+                Attempt::Failed { error, relayed } => (error, relayed),
+            };
+            self.on_result(Some(&error));
+            log::warn!(cause = error.cause.as_str(), attempt = attempts, relayed; "cloud request failed: {}", error.message);
+            if relayed || !req.retry || !error.cause.retryable() || attempts > self.cfg.max_retries
+            {
+                return Err(fail(error, relayed, attempts));
+            }
+            let jitter: f64 = rand::rng().random();
+            let wait = backoff(attempts - 1, self.cfg.retry_min, self.cfg.retry_max, jitter)
+                .max(error.retry_after.unwrap_or_default());
+            if req.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return Err(fail(error, false, attempts));
+            }
+            log::info!(wait_ms = wait.as_millis() as u64, attempt = attempts; "retrying the cloud request");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The end of the next attempt: the overall timeout or the deadline, whichever is first, and whether the
+    /// deadline is the one.
+    fn attempt_limit(&self, deadline: Option<Instant>) -> (Instant, bool) {
+        let own = Instant::now() + self.cfg.request_timeout;
+        match deadline {
+            Some(d) if d <= own => (d, true),
+            _ => (own, false),
+        }
+    }
+
+    fn timed_out(&self, limit: (Instant, bool), waiting_for: &str) -> CloudError {
+        if limit.1 {
+            CloudError::new(
+                Cause::Deadline,
+                format!("the deadline passed waiting for {waiting_for}"),
+            )
+        } else {
+            CloudError::new(
+                Cause::Timeout,
+                format!("no {waiting_for} within the request timeout"),
+            )
+        }
+    }
+
+    /// The breaker and the rate limiter. Waits for the rate limiter only when retries are allowed and the wait
+    /// ends before `until`.
+    async fn admit(&self, req: &CloudRequest, until: Instant) -> Result<(), CloudError> {
+        if let Err(open_for) = self.breaker.lock().unwrap().try_acquire(Instant::now()) {
+            let mut e = CloudError::new(
+                Cause::CircuitOpen,
+                format!(
+                    "the cloud failed repeatedly; not trying again for {:.0} s",
+                    open_for.as_secs_f64().ceil()
+                ),
+            );
+            e.retry_after = Some(open_for);
+            return Err(e);
+        }
+        loop {
+            let wait = match self.limiter.lock().unwrap().try_take(Instant::now()) {
+                Ok(()) => return Ok(()),
+                Err(w) => w,
+            };
+            if !req.retry || Instant::now() + wait > until {
+                self.breaker.lock().unwrap().on_abandoned(Instant::now());
+                let mut e = CloudError::new(
+                    Cause::RateLimited,
+                    format!(
+                        "over [cloud] requests_per_minute = {}; next slot in {:.1} s",
+                        self.cfg.requests_per_minute,
+                        wait.as_secs_f64()
+                    ),
+                );
+                e.retry_after = Some(wait);
+                return Err(e);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Tells the breaker and the connectivity monitor how a request went. Only outages count against the
+    /// cloud; a refused key or a bad request says nothing about reachability.
+    fn on_result(&self, error: Option<&CloudError>) {
+        let mut b = self.breaker.lock().unwrap();
+        match error {
+            Some(e) if e.cause.is_outage() => {
+                if b.on_failure(Instant::now()) {
+                    log::warn!(open_s = self.cfg.breaker_open.as_secs(); "cloud circuit breaker opened");
+                    self.link.circuit_opened();
+                } else {
+                    self.link.request_failed();
+                }
+            }
+            Some(e) if e.cause == Cause::Cancelled => b.on_abandoned(Instant::now()),
+            _ => {
+                b.on_success();
+                self.link.request_succeeded();
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        body: &[u8],
+        limit: (Instant, bool),
+        tokens: &UnboundedSender<String>,
+        started: Instant,
+    ) -> Attempt {
+        let failed = |error| Attempt::Failed {
+            error,
+            relayed: false,
+        };
+        let first_byte = (Instant::now() + self.cfg.first_byte_timeout).min(limit.0);
+        let send = self
+            .http
+            .post(&self.url)
+            .bearer_auth(self.key.expose())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec())
+            .send();
+        let resp = match timeout_at(first_byte.into(), send).await {
+            Err(_) => return failed(self.no_bytes(first_byte, limit, "an answer")),
+            Ok(Err(e)) => return failed(transport_error(&e)),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| wire::parse_retry_after(v, SystemTime::now()));
+            let body =
+                read_capped(resp, (Instant::now() + self.cfg.stall_timeout).min(limit.0)).await;
+            return failed(wire::http_error(status.as_u16(), &body, retry_after));
+        }
+        let mut events = resp.bytes_stream().eventsource();
+        let mut text = String::new();
+        let mut ttft = None;
+        let mut usage = None;
+        let mut finish: Option<String> = None;
+        loop {
+            let idle = if ttft.is_some() {
+                self.cfg.stall_timeout
+            } else {
+                self.cfg.first_byte_timeout
+            };
+            let until = (Instant::now() + idle).min(limit.0);
+            let relayed = !text.is_empty();
+            let ev = match timeout_at(until.into(), events.next()).await {
+                Err(_) => {
+                    return Attempt::Failed {
+                        error: self.no_bytes(until, limit, "stream data"),
+                        relayed,
+                    }
+                }
+                Ok(None) => {
+                    return match finish {
+                        // Some servers close right after the finish chunk; the answer is whole.
+                        Some(reason) => Attempt::Done(CloudAnswer {
+                            text,
+                            finish_reason: reason,
+                            usage,
+                            cached: false,
+                            attempts: 0,
+                            ttft,
+                        }),
+                        None => Attempt::Failed {
+                            error: CloudError::new(
+                                Cause::Cut,
+                                "the stream ended before its end marker",
+                            ),
+                            relayed,
+                        },
+                    };
+                }
+                Ok(Some(Err(e))) => {
+                    let error = match e {
+                        EventStreamError::Transport(e) => CloudError::new(
+                            Cause::Cut,
+                            format!("the stream broke: {}", transport_error(&e).message),
+                        ),
+                        other => {
+                            CloudError::new(Cause::Protocol, format!("unreadable stream: {other}"))
+                        }
+                    };
+                    return Attempt::Failed { error, relayed };
+                }
+                Ok(Some(Ok(ev))) => ev,
+            };
+            let items = match wire::parse_event(&ev.data) {
+                Ok(i) => i,
+                Err(error) => return Attempt::Failed { error, relayed },
+            };
+            for item in items {
+                match item {
+                    StreamItem::Text(t) if !t.is_empty() => {
+                        ttft.get_or_insert_with(|| started.elapsed());
+                        text.push_str(&t);
+                        if tokens.send(t).is_err() {
+                            return Attempt::Failed {
+                                error: CloudError::new(Cause::Cancelled, "the requester went away"),
+                                relayed: true,
+                            };
+                        }
+                    }
+                    StreamItem::Text(_) => {}
+                    StreamItem::Finish { reason, usage: u } => {
+                        finish = Some(reason);
+                        usage = u.or(usage);
+                    }
+                    StreamItem::Usage(u) => usage = Some(u),
+                    StreamItem::Done => {
+                        return Attempt::Done(CloudAnswer {
+                            text,
+                            finish_reason: finish.unwrap_or_else(|| "stop".into()),
+                            usage,
+                            cached: false,
+                            attempts: 0,
+                            ttft,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    fn no_bytes(&self, at: Instant, limit: (Instant, bool), what: &str) -> CloudError {
+        if at >= limit.0 {
+            self.timed_out(limit, what)
+        } else {
+            CloudError::new(
+                Cause::Timeout,
+                format!("no {what} from the cloud in time (stalled)"),
+            )
+        }
+    }
+
+    /// `GET /models`: the model ids the account can use. Any HTTP answer means the cloud is reachable.
+    pub async fn list_models(&self, within: Duration) -> Result<Vec<String>, CloudError> {
+        let send = self
+            .http
+            .get(&self.models_url)
+            .bearer_auth(self.key.expose())
+            .send();
+        let until = Instant::now() + within;
+        let resp = match timeout_at(until.into(), send).await {
+            Err(_) => return Err(CloudError::new(Cause::Timeout, "the probe timed out")),
+            Ok(Err(e)) => return Err(transport_error(&e)),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        let body = read_capped(resp, until).await;
+        if !status.is_success() {
+            return Err(wire::http_error(status.as_u16(), &body, None));
+        }
+        serde_json::from_slice::<wire::ModelList>(&body)
+            .map(|l| l.data.into_iter().map(|m| m.id).collect())
+            .map_err(|e| CloudError::new(Cause::Protocol, format!("unreadable model list: {e}")))
+    }
+}
+
+/// A reqwest failure as a [`CloudError`]; reqwest's message names the URL, never the headers.
+fn transport_error(e: &reqwest::Error) -> CloudError {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    let cause = if e.is_timeout() {
+        Cause::Timeout
+    } else if e.is_connect() || e.is_request() {
+        Cause::Connect
+    } else {
+        Cause::Cut
+    };
+    CloudError::new(cause, msg)
+}
+
+async fn read_capped(resp: reqwest::Response, until: Instant) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Ok(Some(Ok(b))) = timeout_at(until.into(), stream.next()).await {
+        body.extend_from_slice(&b);
+        if body.len() >= MAX_ERROR_BODY {
+            body.truncate(MAX_ERROR_BODY);
+            break;
+        }
+    }
+    body
+}

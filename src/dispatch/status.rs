@@ -1,0 +1,109 @@
+//! What `{"cmd":"status"}` reports, and the counters behind it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::cloud::connectivity::LinkStatus;
+use crate::governor::Budget;
+use crate::protocol::Id;
+
+/// Counters kept by the dispatcher.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub accepted: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub rejected: u64,
+    pub tokens_out: u64,
+    /// Moving averages over recent local requests.
+    pub tokens_per_s: Option<f64>,
+    pub ttft_ms: Option<f64>,
+    /// Accepted requests by route (`local`, `cloud`, `deferred`) and reason.
+    pub routes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Cloud requests that ran locally instead, by the cloud's failure cause.
+    pub fallbacks: BTreeMap<&'static str, u64>,
+    /// Cloud failures by cause (whether or not a fallback followed).
+    pub cloud_errors: BTreeMap<&'static str, u64>,
+}
+
+/// Weight of the newest request in the moving averages.
+const EWMA_ALPHA: f64 = 0.2;
+
+pub(super) fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
+    Some(old.map_or(new, |o| o + EWMA_ALPHA * (new - o)))
+}
+
+/// What `{"cmd":"status"}` returns.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+    pub version: &'static str,
+    pub model: String,
+    /// `ready` or `draining`.
+    pub state: &'static str,
+    pub uptime_s: f64,
+    pub engine: EngineStatus,
+    pub requests: RequestCounts,
+    /// Moving average of local decode speed (absent before the first request).
+    pub tokens_per_s: Option<f64>,
+    /// Moving average of local time to first token, queue included.
+    pub ttft_ms: Option<f64>,
+    pub memory: MemoryStatus,
+    /// The governor's view (absent when ungoverned).
+    pub budget: Option<Budget>,
+    /// The cloud route (absent when no cloud is configured).
+    pub cloud: Option<CloudStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EngineStatus {
+    pub alive: bool,
+    pub slots: usize,
+    pub running: usize,
+    /// Requests waiting for a slot.
+    pub queue_depth: usize,
+    pub threads: usize,
+    /// The kernel running the packed ternary products (`none` for int8 exports).
+    pub kernel: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestCounts {
+    /// Accepted (each gets exactly one terminal reply).
+    pub accepted: u64,
+    /// Ended with `done`.
+    pub served: u64,
+    /// Accepted, then ended with `error`.
+    pub failed: u64,
+    /// Refused before acceptance (bad input, busy, ...).
+    pub rejected: u64,
+    pub in_flight: usize,
+    pub tokens_generated: u64,
+    /// Accepted requests by route (`local`, `cloud`, `deferred`), then by reason.
+    pub routes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Requests meant for the cloud that ran locally, by the cloud's failure cause.
+    pub fallbacks: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryStatus {
+    pub rss_bytes: Option<u64>,
+    /// Resident size just before the model was loaded: the daemon's own baseline.
+    pub rss_before_model_bytes: Option<u64>,
+    pub budget_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CloudStatus {
+    pub model: String,
+    pub link: LinkStatus,
+    pub circuit_open: bool,
+    pub cached_answers: usize,
+    /// Cloud failures by cause.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Deferred tasks waiting, and results kept.
+    pub deferred_pending: usize,
+    pub deferred_results: usize,
+}

@@ -1,0 +1,403 @@
+//! The Kimi client against a fake Kimi server on loopback that speaks the real wire format: streaming, both
+//! usage placements, retries (429 with Retry-After, 503), errors that are never retried (quota, 401), a
+//! stalled connection, a stream cut mid-way, a malformed SSE line, the circuit breaker, the rate limiter,
+//! the answer cache and the model check. Nothing here reaches the internet.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitnetd::cloud::{Cause, CloudRequest, Connectivity, KimiClient};
+use bitnetd::config::CloudConfig;
+use bitnetd::engine::Message;
+use bitnetd::router::CloudState;
+use common::kimi::{Behavior, FakeKimi, UsageAt};
+use tokio::sync::mpsc::unbounded_channel;
+
+fn cfg(kimi: &FakeKimi) -> CloudConfig {
+    CloudConfig {
+        enabled: true,
+        base_url: kimi.base_url(),
+        model: "kimi-test".into(),
+        api_key_file: None,
+        ca_file: None,
+        connect_timeout: Duration::from_secs(2),
+        first_byte_timeout: Duration::from_secs(2),
+        stall_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(10),
+        requests_per_minute: 600,
+        max_concurrency: 2,
+        max_retries: 3,
+        retry_min: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        breaker_failures: 3,
+        breaker_open: Duration::from_millis(400),
+        cache_entries: 8,
+        probe_every: Duration::from_secs(60),
+        probe_timeout: Duration::from_secs(1),
+    }
+}
+
+fn key(text: &str) -> bitnetd::cloud::ApiKey {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("k");
+    std::fs::write(&p, text).unwrap();
+    bitnetd::cloud::key::find(None, Some(&p), &|_| None)
+        .unwrap()
+        .unwrap()
+        .0
+}
+
+fn client_with(c: &CloudConfig, key_text: &str) -> (KimiClient, Arc<Connectivity>) {
+    let link = Arc::new(Connectivity::new());
+    (
+        KimiClient::new(c, key(key_text), link.clone()).unwrap(),
+        link,
+    )
+}
+
+fn client(kimi: &FakeKimi) -> KimiClient {
+    client_with(&cfg(kimi), "sk-test").0
+}
+
+fn ask(text: &str) -> CloudRequest {
+    CloudRequest {
+        messages: vec![Message {
+            role: "user".into(),
+            content: text.into(),
+        }],
+        max_tokens: Some(16),
+        temperature: Some(0.3),
+        top_p: None,
+        stop: vec![],
+        deadline: None,
+        retry: true,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs one request; returns the pieces of text relayed and the outcome.
+fn run(
+    c: &KimiClient,
+    req: &CloudRequest,
+) -> (
+    Vec<String>,
+    Result<bitnetd::cloud::CloudAnswer, bitnetd::cloud::CloudFailure>,
+) {
+    rt().block_on(async {
+        let (tx, mut rx) = unbounded_channel();
+        let r = c.chat(req, &tx).await;
+        drop(tx);
+        let mut pieces = vec![];
+        while let Some(p) = rx.recv().await {
+            pieces.push(p);
+        }
+        (pieces, r)
+    })
+}
+
+#[test]
+fn streams_text_as_it_arrives_with_usage_inside_the_last_choice() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::Stream {
+        texts: vec!["Hel".into(), "lo".into(), " there".into()],
+        usage: UsageAt::InChoice,
+        gap: Duration::from_millis(20),
+    }]);
+    let (pieces, r) = run(&client(&kimi), &ask("hi"));
+    let a = r.unwrap();
+    assert_eq!(pieces, ["Hel", "lo", " there"]);
+    assert_eq!(a.text, "Hello there");
+    assert_eq!(a.finish_reason, "stop");
+    assert_eq!(
+        a.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        Some((11, 3))
+    );
+    assert_eq!(a.attempts, 1);
+    let sent = &kimi.chats()[0];
+    assert_eq!(sent.authorization.as_deref(), Some("Bearer sk-test"));
+    assert_eq!(sent.body["model"], "kimi-test");
+    assert_eq!(sent.body["stream"], true);
+    assert_eq!(sent.body["messages"][0]["content"], "hi");
+    assert_eq!(sent.body["stream_options"]["include_usage"], true);
+}
+
+#[test]
+fn reads_usage_from_a_final_chunk_without_choices() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::Stream {
+        texts: vec!["ok".into()],
+        usage: UsageAt::FinalChunk,
+        gap: Duration::ZERO,
+    }]);
+    let a = run(&client(&kimi), &ask("hi")).1.unwrap();
+    assert_eq!(a.usage.map(|u| u.completion_tokens), Some(3));
+    kimi.script([Behavior::Stream {
+        texts: vec!["ok".into()],
+        usage: UsageAt::None,
+        gap: Duration::ZERO,
+    }]);
+    assert_eq!(run(&client(&kimi), &ask("hi")).1.unwrap().usage, None);
+}
+
+#[test]
+fn a_429_with_retry_after_is_retried_after_the_wait() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::Error {
+        status: 429,
+        kind: "engine_overloaded_error".into(),
+        retry_after: Some("1".into()),
+    }]);
+    let started = Instant::now();
+    let a = run(&client(&kimi), &ask("hi")).1.unwrap();
+    let chats = kimi.chats();
+    assert_eq!((a.attempts, chats.len()), (2, 2));
+    let gap = chats[1].answered.duration_since(chats[0].answered);
+    assert!(
+        gap >= Duration::from_millis(950),
+        "Retry-After honoured: {gap:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_503_then_success_succeeds() {
+    let kimi = FakeKimi::start();
+    kimi.script([
+        Behavior::error(503, "server_error"),
+        Behavior::error(502, ""),
+    ]);
+    let a = run(&client(&kimi), &ask("hi")).1.unwrap();
+    assert_eq!(a.text, "Hello from Kimi");
+    assert_eq!(a.attempts, 3);
+}
+
+#[test]
+fn retries_stop_at_the_limit_and_at_the_deadline() {
+    let kimi = FakeKimi::start();
+    kimi.set_default(Behavior::error(500, "server_error"));
+    let mut c = cfg(&kimi);
+    c.breaker_failures = 100;
+    let (cl, _) = client_with(&c, "sk-test");
+    let f = run(&cl, &ask("hi")).1.unwrap_err();
+    assert_eq!(
+        (f.error.cause, f.attempts),
+        (Cause::ServerError, 4),
+        "1 + max_retries"
+    );
+    let mut req = ask("hi");
+    req.deadline = Some(Instant::now() + Duration::from_millis(30));
+    let f = run(&cl, &req).1.unwrap_err();
+    assert_eq!(f.attempts, 1, "no retry whose wait passes the deadline");
+}
+
+#[test]
+fn quota_exceeded_is_not_retried_and_says_so() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::error(429, "exceeded_current_quota_error")]);
+    let f = run(&client(&kimi), &ask("hi")).1.unwrap_err();
+    assert_eq!((f.error.cause, f.attempts), (Cause::QuotaExceeded, 1));
+    assert!(
+        f.error.message.contains("out of quota"),
+        "{}",
+        f.error.message
+    );
+    assert_eq!(kimi.chats().len(), 1);
+}
+
+#[test]
+fn a_401_is_not_retried_and_never_shows_the_key() {
+    let kimi = FakeKimi::start();
+    let (c, _) = client_with(&cfg(&kimi), "sk-wrong-secret");
+    let f = run(&c, &ask("hi")).1.unwrap_err();
+    assert_eq!((f.error.cause, f.attempts), (Cause::Unauthorized, 1));
+    assert!(f.error.message.contains("API key was refused"));
+    assert!(!format!("{f:?}").contains("sk-wrong-secret"));
+}
+
+#[test]
+fn a_stalled_connection_times_out() {
+    let kimi = FakeKimi::start();
+    kimi.set_default(Behavior::Stall);
+    let mut c = cfg(&kimi);
+    c.first_byte_timeout = Duration::from_millis(300);
+    c.max_retries = 0;
+    let (cl, _) = client_with(&c, "sk-test");
+    let started = Instant::now();
+    let f = run(&cl, &ask("hi")).1.unwrap_err();
+    assert_eq!(f.error.cause, Cause::Timeout);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_stream_that_stalls_mid_way_times_out_after_the_text_it_relayed() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::StallAfter(vec!["part".into()])]);
+    let (pieces, r) = run(&client(&kimi), &ask("hi"));
+    let f = r.unwrap_err();
+    assert_eq!(
+        (f.error.cause, f.relayed, f.attempts),
+        (Cause::Timeout, true, 1),
+        "no retry once text went out"
+    );
+    assert_eq!(pieces, ["part"]);
+}
+
+#[test]
+fn a_cut_mid_stream_is_reported_as_cut() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::CutAfter(vec!["half ".into(), "an".into()])]);
+    let (pieces, r) = run(&client(&kimi), &ask("hi"));
+    let f = r.unwrap_err();
+    assert_eq!((f.error.cause, f.relayed), (Cause::Cut, true));
+    assert_eq!(pieces.concat(), "half an");
+}
+
+#[test]
+fn a_cut_before_any_text_is_retried() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::CutAfter(vec![])]);
+    let a = run(&client(&kimi), &ask("hi")).1.unwrap();
+    assert_eq!(a.attempts, 2);
+}
+
+#[test]
+fn a_malformed_sse_line_is_a_protocol_error() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::MalformedAfter(vec!["fine".into()])]);
+    let f = run(&client(&kimi), &ask("hi")).1.unwrap_err();
+    assert_eq!((f.error.cause, f.relayed), (Cause::Protocol, true));
+    assert!(!Cause::Protocol.retryable());
+}
+
+#[test]
+fn without_retries_the_first_failure_ends_it() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::error(503, "server_error")]);
+    let mut req = ask("hi");
+    req.retry = false;
+    let f = run(&client(&kimi), &req).1.unwrap_err();
+    assert_eq!((f.error.cause, f.attempts), (Cause::ServerError, 1));
+}
+
+#[test]
+fn the_breaker_opens_after_repeated_failures_and_closes_after_a_good_trial() {
+    let kimi = FakeKimi::start();
+    kimi.set_default(Behavior::error(503, "server_error"));
+    let mut c = cfg(&kimi);
+    c.max_retries = 0;
+    let (cl, link) = client_with(&c, "sk-test");
+    let rt = rt();
+    let once = |req: &CloudRequest| {
+        rt.block_on(async {
+            let (tx, _rx) = unbounded_channel();
+            cl.chat(req, &tx).await
+        })
+    };
+    for _ in 0..3 {
+        assert_eq!(once(&ask("x")).unwrap_err().error.cause, Cause::ServerError);
+    }
+    assert!(cl.circuit_open());
+    assert_eq!(
+        link.state(),
+        CloudState::Offline,
+        "an open breaker counts as offline"
+    );
+    let f = once(&ask("x")).unwrap_err();
+    assert_eq!(f.error.cause, Cause::CircuitOpen);
+    assert!(f.error.retry_after.is_some());
+    assert_eq!(kimi.chats().len(), 3, "nothing sent while open");
+    std::thread::sleep(Duration::from_millis(450));
+    kimi.set_default(Behavior::answer("back"));
+    assert_eq!(once(&ask("x")).unwrap().text, "back");
+    assert!(!cl.circuit_open());
+    assert_eq!(link.state(), CloudState::Online);
+}
+
+#[test]
+fn the_rate_limiter_refuses_without_retry_and_waits_with_it() {
+    let kimi = FakeKimi::start();
+    let mut c = cfg(&kimi);
+    c.requests_per_minute = 1;
+    let (cl, _) = client_with(&c, "sk-test");
+    run(&cl, &ask("a")).1.unwrap();
+    let mut now_only = ask("b");
+    now_only.retry = false;
+    let f = run(&cl, &now_only).1.unwrap_err();
+    assert_eq!(f.error.cause, Cause::RateLimited);
+    assert!(f.error.retry_after.unwrap() > Duration::from_secs(50));
+    let mut short = ask("c");
+    short.deadline = Some(Instant::now() + Duration::from_secs(1));
+    assert_eq!(
+        run(&cl, &short).1.unwrap_err().error.cause,
+        Cause::RateLimited
+    );
+    assert_eq!(kimi.chats().len(), 1);
+}
+
+#[test]
+fn deterministic_answers_are_cached() {
+    let kimi = FakeKimi::start();
+    let c = client(&kimi);
+    let mut req = ask("same question");
+    req.temperature = Some(0.0);
+    let first = run(&c, &req).1.unwrap();
+    let (pieces, second) = run(&c, &req);
+    let second = second.unwrap();
+    assert!(!first.cached && second.cached);
+    assert_eq!(second.text, first.text);
+    assert_eq!(pieces, [first.text.clone()]);
+    assert_eq!(kimi.chats().len(), 1);
+    run(&c, &ask("same question")).1.unwrap();
+    assert_eq!(kimi.chats().len(), 2, "temperature > 0 is never cached");
+}
+
+#[test]
+fn probes_report_reachability_and_check_the_model() {
+    let kimi = FakeKimi::start();
+    kimi.set_models(&["kimi-other"]);
+    let (cl, link) = client_with(&cfg(&kimi), "sk-test");
+    let rt = rt();
+    let models = rt.block_on(cl.list_models(Duration::from_secs(1))).unwrap();
+    assert_eq!(models, ["kimi-other"]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    rt.block_on(async {
+        let probe = link.run_probes(
+            &cl,
+            Duration::from_millis(100),
+            Duration::from_millis(500),
+            stop.clone(),
+        );
+        let watch = async {
+            let mut rx = link.subscribe();
+            rx.wait_for(|s| *s == CloudState::Online).await.unwrap();
+            assert_eq!(
+                link.status().model_listed,
+                Some(false),
+                "the model is not listed"
+            );
+            kimi.set_online(false);
+            rx.wait_for(|s| *s == CloudState::Offline).await.unwrap();
+            kimi.set_online(true);
+            rx.wait_for(|s| *s == CloudState::Online).await.unwrap();
+            stop.cancel();
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(probe, watch)
+        })
+        .await
+        .expect("online, offline and online again");
+    });
+}
