@@ -1,0 +1,395 @@
+//! The daemon with a cloud: routing of real requests over the socket, the private-never-leaves invariant
+//! (proved with a recording fake Kimi), the local fallback and its timing, and store-and-forward across a
+//! SIGKILL. Nothing here reaches the internet: the only cloud is the fake one on loopback.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::kimi::{Behavior, FakeKimi};
+use common::{Client, Daemon};
+use serde_json::{json, Value};
+
+fn config(kimi: &FakeKimi, extra: &str) -> String {
+    format!(
+        "[cloud]\nbase_url = \"{}\"\nmodel = \"kimi-test\"\nfirst_byte_timeout_ms = 3000\nstall_timeout_ms = 1000\n\
+         retry_min_ms = 50\nretry_max_ms = 200\nprobe_interval_secs = 1\nprobe_timeout_ms = 500\n{extra}",
+        kimi.base_url()
+    )
+}
+
+fn with_key(cmd: &mut Command) {
+    cmd.env("KIMI_API_KEY", "sk-test");
+}
+
+/// Waits until `status` shows the cloud link in `state`.
+fn wait_link(c: &mut Client, state: &str) {
+    let start = Instant::now();
+    loop {
+        let s = c.status();
+        if s["cloud"]["link"]["state"] == state {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "link never {state}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ask(c: &mut Client, req: Value) -> (Vec<String>, Value) {
+    let id = req["id"].clone();
+    c.send(&req);
+    c.finish(&id)
+}
+
+const COMPLEX: &str = "Analyze the pump log and validate the hypothesis that the bearing fails";
+
+#[test]
+fn auto_routes_simple_work_locally_and_complex_work_to_the_cloud() {
+    let kimi = FakeKimi::start();
+    let d = Daemon::start_with(&config(&kimi, ""), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    let (_, done) = ask(
+        &mut c,
+        json!({"id": 1, "prompt": "A dog is", "max_tokens": 4}),
+    );
+    assert_eq!(
+        (done["route"].as_str(), done["route_reason"].as_str()),
+        (Some("local"), Some("simple")),
+        "{done}"
+    );
+    let (tokens, done) = ask(
+        &mut c,
+        json!({"id": 2, "prompt": COMPLEX, "max_tokens": 20}),
+    );
+    assert_eq!(
+        (done["route"].as_str(), done["route_reason"].as_str()),
+        (Some("cloud"), Some("complex")),
+        "{done}"
+    );
+    assert_eq!(tokens.concat(), "Hello from Kimi");
+    assert_eq!(done["model"], "kimi-test");
+    assert_eq!(done["usage"]["completion_tokens"], 3);
+    let (_, done) = ask(
+        &mut c,
+        json!({"id": 3, "prompt": "hi", "route": "cloud", "stream": false}),
+    );
+    assert_eq!(
+        (done["route"].as_str(), done["text"].as_str()),
+        (Some("cloud"), Some("Hello from Kimi"))
+    );
+    assert_eq!(kimi.chats().len(), 2);
+    let s = c.status();
+    assert_eq!(s["requests"]["routes"]["cloud"]["complex"], 1, "{s}");
+    assert_eq!(s["requests"]["routes"]["local"]["simple"], 1, "{s}");
+    assert_eq!(s["cloud"]["model"], "kimi-test");
+    assert!(!d.log().contains("sk-test"), "the key is never logged");
+    assert!(
+        !d.log().contains("bearing"),
+        "prompts are not logged at debug"
+    );
+}
+
+#[test]
+fn private_requests_never_reach_the_network() {
+    let kimi = FakeKimi::start();
+    let d = Daemon::start_with(&config(&kimi, ""), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    let secret = "private-sensor-reading-4711";
+    for (i, extra) in [
+        json!({}),
+        json!({"route": "cloud"}),
+        json!({"route": "cloud", "defer": true}),
+        json!({"deadline_ms": 1}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut req = json!({"id": i, "private": true, "max_tokens": 3,
+            "prompt": format!("{COMPLEX} {secret} and prove it step by step")});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let (_, done) = ask(&mut c, req);
+        assert_ne!(done["route"], "cloud", "{done}");
+        if done["type"] == "done" {
+            assert_eq!(done["route_reason"], "private");
+        }
+    }
+    // Even when the local run fails (a prompt too long for the local model), there is no cloud fallback.
+    let long = format!("{secret} {}", "word ".repeat(3000));
+    let (_, r) = ask(
+        &mut c,
+        json!({"id": "long", "private": true, "prompt": long}),
+    );
+    assert_eq!(r["code"], "too_long", "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    for r in kimi.recorded() {
+        assert!(
+            !r.body.to_string().contains(secret),
+            "a private prompt reached the cloud: {:?}",
+            r.path
+        );
+        assert!(
+            r.path.ends_with("/models"),
+            "only probes went out: {}",
+            r.path
+        );
+    }
+}
+
+#[test]
+fn an_early_cloud_failure_falls_back_to_local_within_a_second() {
+    let kimi = FakeKimi::start();
+    let d = Daemon::start_with(&config(&kimi, ""), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    kimi.script([Behavior::error(503, "server_error")]);
+    let id = json!("fb");
+    c.send(&json!({"id": "fb", "prompt": COMPLEX, "max_tokens": 8}));
+    let mut first_token = None;
+    let done = loop {
+        let r = c.recv();
+        if r["id"] != id {
+            continue;
+        }
+        if r["type"] == "token" && first_token.is_none() {
+            first_token = Some(Instant::now());
+        }
+        if r["type"] == "done" || r["type"] == "error" {
+            break r;
+        }
+    };
+    assert_eq!(
+        (done["route"].as_str(), done["fallback"].as_str()),
+        (Some("local"), Some("server_error")),
+        "{done}"
+    );
+    assert_eq!(done["route_reason"], "complex");
+    let failed_at = kimi.chats()[0].answered;
+    let switch = first_token
+        .expect("local tokens streamed")
+        .duration_since(failed_at);
+    assert!(
+        switch < Duration::from_secs(1),
+        "from the cloud's 503 to the first local token: {switch:?}"
+    );
+    assert_eq!(
+        kimi.chats().len(),
+        1,
+        "auto requests with a fallback are not retried"
+    );
+    let s = c.status();
+    assert_eq!(s["requests"]["fallbacks"]["server_error"], 1, "{s}");
+    assert_eq!(s["cloud"]["errors"]["server_error"], 1, "{s}");
+}
+
+#[test]
+fn a_cut_mid_stream_ends_with_a_clear_error_and_cloud_errors_name_the_cause() {
+    let kimi = FakeKimi::start();
+    let d = Daemon::start_with(&config(&kimi, ""), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    kimi.script([Behavior::CutAfter(vec!["Half ".into(), "an answer".into()])]);
+    let (tokens, r) = ask(&mut c, json!({"id": "cut", "prompt": COMPLEX}));
+    assert_eq!(tokens.concat(), "Half an answer");
+    assert_eq!(
+        (r["code"].as_str(), r["cause"].as_str()),
+        (Some("cloud_error"), Some("cut")),
+        "{r}"
+    );
+    kimi.script([Behavior::error(429, "exceeded_current_quota_error")]);
+    let (_, r) = ask(
+        &mut c,
+        json!({"id": "quota", "prompt": "x", "route": "cloud"}),
+    );
+    assert_eq!(
+        (r["code"].as_str(), r["cause"].as_str()),
+        (Some("cloud_error"), Some("quota_exceeded")),
+        "{r}"
+    );
+    // Not streamed, the cut answer was never shown: it falls back.
+    kimi.script([Behavior::CutAfter(vec!["Half".into()])]);
+    let (_, done) = ask(
+        &mut c,
+        json!({"id": "quiet", "prompt": COMPLEX, "stream": false, "max_tokens": 4}),
+    );
+    assert_eq!(
+        (done["route"].as_str(), done["fallback"].as_str()),
+        (Some("local"), Some("cut")),
+        "{done}"
+    );
+}
+
+#[test]
+fn cloud_requests_while_offline_are_refused_or_deferred() {
+    let kimi = FakeKimi::start();
+    kimi.set_online(false);
+    let d = Daemon::start_with(&config(&kimi, ""), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "offline");
+    let (_, r) = ask(&mut c, json!({"id": 1, "prompt": "x", "route": "cloud"}));
+    assert_eq!(r["code"], "cloud_unavailable", "{r}");
+    let (_, done) = ask(&mut c, json!({"id": 2, "prompt": COMPLEX, "max_tokens": 3}));
+    assert_eq!(
+        (done["route"].as_str(), done["route_reason"].as_str()),
+        (Some("local"), Some("cloud_offline"))
+    );
+    let (_, r) = ask(
+        &mut c,
+        json!({"id": 3, "prompt": "x", "route": "cloud", "defer": true}),
+    );
+    assert_eq!(
+        (r["type"].as_str(), r["position"].as_u64()),
+        (Some("deferred"), Some(1)),
+        "{r}"
+    );
+    c.send(&json!({"cmd": "result", "id": 3}));
+    assert_eq!(c.recv()["type"], "deferred");
+    c.send(&json!({"cmd": "result", "id": "nope"}));
+    assert_eq!(c.recv()["code"], "not_found");
+}
+
+#[test]
+fn deferred_tasks_survive_sigkill_and_are_forwarded_once_when_online() {
+    let kimi = FakeKimi::start();
+    kimi.set_online(false);
+    let state = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &kimi,
+        &format!("[defer]\nstate_dir = \"{}\"\n", state.path().display()),
+    );
+    let mut d = Daemon::start_with(&cfg, with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "offline");
+    for i in 0..3 {
+        let (_, r) = ask(
+            &mut c,
+            json!({"id": format!("t{i}"), "prompt": format!("task {i}"), "route": "cloud", "defer": true}),
+        );
+        assert_eq!(r["type"], "deferred", "{r}");
+    }
+    d.signal(libc::SIGKILL);
+    d.wait();
+    kimi.set_online(true);
+    let d2 = Daemon::start_with(&cfg, with_key);
+    let mut c = d2.connect();
+    let chats = kimi.wait_for_chats(3, Duration::from_secs(30));
+    for i in 0..3 {
+        let start = Instant::now();
+        let r = loop {
+            c.send(&json!({"cmd": "result", "id": format!("t{i}")}));
+            let r = c.recv();
+            if r["type"] != "deferred" {
+                break r;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(
+            (r["type"].as_str(), r["route"].as_str()),
+            (Some("done"), Some("cloud")),
+            "{r}"
+        );
+        assert_eq!(
+            (r["text"].as_str(), r["deferred"].as_bool()),
+            (Some("Hello from Kimi"), Some(true))
+        );
+    }
+    let contents: Vec<String> = chats
+        .iter()
+        .map(|r| r.body["messages"][0]["content"].to_string())
+        .collect();
+    assert_eq!(
+        contents,
+        ["\"task 0\"", "\"task 1\"", "\"task 2\""],
+        "in order"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(kimi.chats().len(), 3, "each sent once");
+    let s = c.status();
+    assert_eq!(
+        (
+            s["cloud"]["deferred_pending"].as_u64(),
+            s["cloud"]["deferred_results"].as_u64()
+        ),
+        (Some(0), Some(3))
+    );
+}
+
+#[test]
+fn a_full_deferred_queue_answers_busy() {
+    let kimi = FakeKimi::start();
+    kimi.set_online(false);
+    let d = Daemon::start_with(&config(&kimi, "[defer]\nmax_tasks = 1\n"), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "offline");
+    let (_, r) = ask(
+        &mut c,
+        json!({"id": 1, "prompt": "x", "route": "cloud", "defer": true}),
+    );
+    assert_eq!(r["type"], "deferred");
+    let (_, r) = ask(
+        &mut c,
+        json!({"id": 2, "prompt": "x", "route": "cloud", "defer": true}),
+    );
+    assert_eq!(r["code"], "busy", "{r}");
+}
+
+#[test]
+fn without_a_key_the_cloud_is_off_and_nothing_is_sent() {
+    let kimi = FakeKimi::start();
+    let d = Daemon::start(&config(&kimi, ""));
+    let mut c = d.connect();
+    let (_, r) = ask(&mut c, json!({"id": 1, "prompt": "x", "route": "cloud"}));
+    assert_eq!(r["code"], "cloud_unavailable");
+    let (_, done) = ask(&mut c, json!({"id": 2, "prompt": COMPLEX, "max_tokens": 2}));
+    assert_eq!(done["route"], "local");
+    assert!(c.status()["cloud"].is_null());
+    assert!(kimi.recorded().is_empty());
+}
+
+#[test]
+fn a_deferred_mqtt_request_gets_its_answer_published_when_the_cloud_is_back() {
+    use bytes::Bytes;
+    use common::broker::{Broker, V5};
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+    let kimi = FakeKimi::start();
+    kimi.set_online(false);
+    let broker = Broker::rumqttd();
+    let d = Daemon::start_with(&broker.daemon_config("defer", &config(&kimi, "")), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "offline");
+    let dev = V5::connect(broker.port, "dev-defer");
+    dev.subscribe("dev/defer/answers");
+    let props = PublishProperties {
+        response_topic: Some("dev/defer/answers".into()),
+        correlation_data: Some(Bytes::from_static(b"\x01corr")),
+        ..Default::default()
+    };
+    let q = json!({"id": "m1", "prompt": COMPLEX, "defer": true});
+    dev.publish("bitnetd/defer/request", q.to_string().as_bytes(), props);
+    let wait = Duration::from_secs(30);
+    let (_, ack) = dev.answer("dev/defer/answers", &json!("m1"), wait);
+    assert_eq!(ack.json()["type"], "deferred", "{}", ack.json());
+    kimi.set_online(true);
+    let (_, m) = dev.answer("dev/defer/answers", &json!("m1"), wait);
+    let v = m.json();
+    assert_eq!(
+        (v["type"].as_str(), v["route"].as_str()),
+        (Some("done"), Some("cloud")),
+        "{v}"
+    );
+    assert_eq!(v["text"], "Hello from Kimi");
+    assert_eq!(
+        m.props.and_then(|p| p.correlation_data).as_deref(),
+        Some(&b"\x01corr"[..]),
+        "the correlation data is kept with the task"
+    );
+}
