@@ -358,7 +358,7 @@ fn deterministic_answers_are_cached() {
     let second = second.unwrap();
     assert!(!first.cached && second.cached);
     assert_eq!(second.text, first.text);
-    assert_eq!(pieces, [first.text.clone()]);
+    assert_eq!(pieces, vec![first.text.clone()]);
     assert_eq!(kimi.chats().len(), 1);
     run(&c, &ask("same question")).1.unwrap();
     assert_eq!(kimi.chats().len(), 2, "temperature > 0 is never cached");
