@@ -38,6 +38,10 @@ pub struct Ask {
     pub max_tokens: Option<usize>,
     pub temperature: Option<f32>,
     pub deadline_ms: Option<u64>,
+    /// May be kept and forwarded to the cloud later (then `ask` returns the `deferred` reply).
+    pub defer: bool,
+    /// The request id; default `ask-<pid>`. Give one to fetch a deferred result later.
+    pub id: Option<String>,
 }
 
 fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
@@ -47,14 +51,19 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
     })
 }
 
-/// Sends `ask` and writes the answer to `out` as it streams. Returns the terminal `done` object.
+/// Sends `ask` and writes the answer to `out` as it streams. Returns the terminal `done` (or `deferred`)
+/// object.
 pub fn ask(socket: &Path, ask: &Ask, out: &mut dyn Write) -> Result<Value, ClientError> {
-    let id = format!("ask-{}", std::process::id());
+    let id = ask
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("ask-{}", std::process::id()));
     let mut req = json!({
         "id": id,
         "stream": true,
         "route": ask.route,
         "private": ask.private,
+        "defer": ask.defer,
     });
     if ask.raw {
         req["prompt"] = json!(ask.text);
@@ -82,10 +91,22 @@ pub fn ask(socket: &Path, ask: &Ask, out: &mut dyn Write) -> Result<Value, Clien
                 out.write_all(reply["text"].as_str().unwrap_or_default().as_bytes())?;
                 out.flush()?;
             }
-            Some("done") => return Ok(reply),
+            Some("done") | Some("deferred") => return Ok(reply),
             Some("error") => return Err(remote(&reply)),
             _ => return Err(ClientError::Protocol(reply.to_string())),
         }
+    }
+}
+
+/// Fetches the result of deferred request `id`: its `done`, or its `deferred` reply while it waits.
+pub fn result(socket: &Path, id: &str) -> Result<Value, ClientError> {
+    let stream = connect(socket)?;
+    let mut lines = send(&stream, &json!({"cmd": "result", "id": id}))?;
+    let reply = next_reply(&mut lines)?;
+    match reply["type"].as_str() {
+        Some("done") | Some("deferred") => Ok(reply),
+        Some("error") => Err(remote(&reply)),
+        _ => Err(ClientError::Protocol(reply.to_string())),
     }
 }
 

@@ -51,6 +51,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print the result of a deferred request (`ask --defer --id ID`) as JSON.
+    Result {
+        /// The request's id.
+        id: String,
+        /// Socket path (default: from the config, as `run` would use it).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Config file to take the socket path from.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print the default configuration, every option with its documentation.
     PrintConfig,
     /// Validate a config file (and that its model fits the memory budget).
@@ -108,6 +119,12 @@ struct AskArgs {
     /// Milliseconds the answer may take.
     #[arg(long)]
     deadline_ms: Option<u64>,
+    /// If it must go to the cloud while it is offline, keep it and forward it later (`bitnetd result ID`).
+    #[arg(long)]
+    defer: bool,
+    /// Request id (default: ask-<pid>); give one with --defer to fetch the result later.
+    #[arg(long)]
+    id: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -175,6 +192,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             let socket = socket_path(socket, config, &env)?;
             let status = bitnetd::client::status(&socket)?;
             println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
+        Command::Result { id, socket, config } => {
+            let socket = socket_path(socket, config, &env)?;
+            let reply = bitnetd::client::result(&socket, &id)?;
+            println!("{}", serde_json::to_string_pretty(&reply)?);
             Ok(())
         }
         Command::PrintConfig => {
@@ -278,14 +301,27 @@ fn ask(a: AskArgs, env: &Env) -> Result<()> {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
         deadline_ms: a.deadline_ms,
+        defer: a.defer,
+        id: a.id,
     };
     let mut stdout = std::io::stdout();
     let done = bitnetd::client::ask(&socket, &req, &mut stdout)?;
+    if done["type"] == "deferred" {
+        eprintln!(
+            "[deferred until the cloud is reachable; fetch it with `bitnetd result {}`]",
+            done["id"].as_str().unwrap_or("?")
+        );
+        return Ok(());
+    }
     println!();
+    let fallback = done["fallback"].as_str().map_or(String::new(), |c| {
+        format!(", cloud failed ({c}), ran locally")
+    });
     eprintln!(
-        "[{} via {}, {} tokens, first token {} ms, {}]",
+        "[{} via {} ({}{fallback}), {} tokens, first token {} ms, {}]",
         done["model"].as_str().unwrap_or("?"),
         done["route"].as_str().unwrap_or("?"),
+        done["route_reason"].as_str().unwrap_or("?"),
         done["usage"]["completion_tokens"],
         done["timing"]["ttft_ms"],
         done["finish_reason"].as_str().unwrap_or("?")

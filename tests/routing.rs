@@ -393,3 +393,43 @@ fn a_deferred_mqtt_request_gets_its_answer_published_when_the_cloud_is_back() {
         "the correlation data is kept with the task"
     );
 }
+
+#[test]
+fn the_cli_defers_and_fetches_the_result() {
+    let kimi = FakeKimi::start();
+    kimi.set_online(false);
+    let d = Daemon::start_with(&config(&kimi, ""), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "offline");
+    let out = common::run_ok(
+        common::bitnetd()
+            .args([
+                "ask",
+                "--route",
+                "cloud",
+                "--defer",
+                "--id",
+                "cli-1",
+                "Summarize the logs",
+            ])
+            .arg("--socket")
+            .arg(&d.socket),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bitnetd result cli-1"));
+    kimi.set_online(true);
+    let start = Instant::now();
+    loop {
+        let out = common::run_ok(
+            common::bitnetd()
+                .args(["result", "cli-1", "--socket"])
+                .arg(&d.socket),
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["type"] == "done" {
+            assert_eq!(v["text"], "Hello from Kimi");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
