@@ -175,6 +175,7 @@ fn an_early_cloud_failure_falls_back_to_local_within_a_second() {
     let switch = first_token
         .expect("local tokens streamed")
         .duration_since(failed_at);
+    eprintln!("fallback switch, 503 sent to first local token received: {switch:?}");
     assert!(
         switch < Duration::from_secs(1),
         "from the cloud's 503 to the first local token: {switch:?}"
