@@ -107,6 +107,8 @@ impl Daemon {
             .env_remove("MOONSHOT_API_KEY")
             .env_remove("CREDENTIALS_DIRECTORY")
             .env("STATE_DIRECTORY", dir.path().join("state"))
+            // The fake cloud is on loopback; a proxy set on the test machine must not intercept it.
+            .env("NO_PROXY", "127.0.0.1,localhost")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         adjust(&mut cmd);
