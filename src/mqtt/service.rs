@@ -487,6 +487,8 @@ fn status_payload(cfg: &MqttConfig, d: &Dispatcher, state: &str) -> Vec<u8> {
             }),
             None => json!({"memory_bytes": s.memory.budget_bytes}),
         },
+        "cloud": s.cloud.as_ref().map_or(json!("disabled"), |c| json!(c.link.state)),
+        "deferred_pending": s.cloud.as_ref().map_or(0, |c| c.deferred_pending),
     })
     .to_string()
     .into_bytes()
