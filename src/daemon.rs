@@ -72,6 +72,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         hysteresis_c: config.budget.hysteresis_c,
         memory_bytes: config.budget.memory_bytes,
         max_threads: config.model.threads,
+        warm_threads_percent: config.budget.warm_threads_percent,
+        pressure_max_tokens: config.budget.pressure_max_tokens,
         ..Limits::default()
     };
     let budget = governor::spawn(
@@ -80,11 +82,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         config.budget.sample_every,
         shutdown.clone(),
     );
-    tokio::spawn(apply_threads(budget.clone(), model.clone()));
+    let engine_ctl = engine.clone();
     let (cloud, deliveries) = match start_cloud(&config, &shutdown)? {
         Some((route, deliveries)) => (Some(route), Some(deliveries)),
         None => (None, None),
     };
+    tokio::spawn(apply_directive(
+        budget.clone(),
+        model.clone(),
+        engine_ctl,
+        cloud.as_ref().map(|c| c.client.clone()),
+    ));
     let dispatcher = Dispatcher::new(
         Arc::new(engine),
         DispatchOptions {
@@ -96,6 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             budget: Some(budget),
             kv: Some(KvModel::for_estimate(&estimate, meta.context_length)),
             cloud: cloud.clone(),
+            hot_action: config.budget.hot_action,
         },
     );
 
@@ -239,17 +248,28 @@ async fn load(
     }
 }
 
-/// Applies the governor's thread count to the engine (from the next forward pass on).
-async fn apply_threads(
+/// Applies the governor's directive: the engine's thread count (from the next forward pass on), the pause
+/// when hot, and under memory pressure the token cap of running generations and the freeing of caches.
+async fn apply_directive(
     mut budget: tokio::sync::watch::Receiver<governor::Budget>,
     model: Arc<Model>,
+    engine: Engine,
+    cloud: Option<Arc<KimiClient>>,
 ) {
     loop {
-        let wanted = budget.borrow_and_update().directive.threads;
+        let d = budget.borrow_and_update().directive;
         let before = model.threads();
-        let now = model.set_threads(wanted);
+        let now = model.set_threads(d.threads);
         if now != before {
             log::warn!(threads = now, was = before; "inference threads changed by the governor");
+        }
+        engine.set_paused(d.local_paused);
+        engine.set_token_cap(d.max_new_tokens);
+        engine.set_free_idle(d.free_caches);
+        if d.free_caches {
+            if let Some(c) = &cloud {
+                c.clear_cache();
+            }
         }
         if budget.changed().await.is_err() {
             return;

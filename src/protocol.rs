@@ -54,6 +54,20 @@ pub struct Request {
     /// May be answered later (store-and-forward while the cloud is unreachable).
     #[serde(default)]
     pub defer: bool,
+    /// When the local model cannot finish `max_tokens` within the deadline at its measured speed (and the
+    /// request stays local): generate what fits (`shorten`, the default; `finish_reason: "budget"`) or refuse
+    /// at once (`refuse`: error `deadline`).
+    #[serde(default)]
+    pub on_deadline: OnDeadline,
+}
+
+/// See [`Request::on_deadline`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeadline {
+    #[default]
+    Shorten,
+    Refuse,
 }
 
 fn yes() -> bool {

@@ -674,3 +674,88 @@ fn a_cgroup_limit_below_the_budget_refuses_requests_whose_kv_cache_cannot_fit() 
     let (_, r) = c.finish(&json!("small"));
     assert_eq!(r["type"], "done", "{r}");
 }
+
+#[test]
+fn when_hot_with_hot_action_queue_requests_wait_for_the_board_to_cool() {
+    let d = Daemon::start("[budget]\nsample_ms = 50\nhot_action = \"queue\"\n");
+    let board = d.board();
+    let mut c = d.connect();
+    set_temperature(&board, 90.0);
+    wait_for_budget(&mut c, |b| b["thermal"] == "hot");
+    let sent = Instant::now();
+    c.send(&json!({"id": "held", "prompt": "A dog is", "max_tokens": 3, "stream": false}));
+    std::thread::sleep(Duration::from_millis(600));
+    let s = c.status();
+    assert_eq!(s["requests"]["in_flight"], 1, "accepted and held: {s}");
+    assert_eq!(
+        s["engine"]["alive"], true,
+        "a deliberate pause is not a stuck engine"
+    );
+    set_temperature(&board, 60.0);
+    let (_, done) = c.finish(&json!("held"));
+    assert_eq!(done["type"], "done", "{done}");
+    assert!(sent.elapsed() >= Duration::from_millis(600));
+    assert!(
+        done["timing"]["queue_ms"].as_f64().unwrap() >= 500.0,
+        "{done}"
+    );
+}
+
+#[test]
+fn memory_pressure_cuts_running_generations_short() {
+    let d = Daemon::start("[budget]\nsample_ms = 50\npressure_max_tokens = 5\n");
+    let board = d.board();
+    std::fs::create_dir_all(board.join("proc/pressure")).unwrap();
+    let mut c = d.connect();
+    c.send(&long("cut", 100_000));
+    // Wait for it to run, then put the board under pressure.
+    let first = c.recv();
+    assert_eq!(first["type"], "token", "{first}");
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(
+        board.join("proc/pressure/memory"),
+        "some avg10=40.00 avg60=10.00 avg300=2.00 total=1\n",
+    )
+    .unwrap();
+    let (_, done) = c.finish(&json!("cut"));
+    assert_eq!(done["finish_reason"], "budget", "{done}");
+    let s = wait_for_budget(&mut c, |b| b["memory_pressure"] == true);
+    assert_eq!(s["budget"]["directive"]["free_caches"], true);
+    assert_eq!(s["budget"]["directive"]["max_new_tokens"], 5);
+}
+
+#[test]
+fn a_deadline_the_local_model_cannot_meet_is_shortened_or_refused_as_asked() {
+    let d = Daemon::start("");
+    let mut c = d.connect();
+    // A first request gives the daemon its speed estimate.
+    c.send(&json!({"id": "warm", "prompt": "A dog is", "max_tokens": 20, "temperature": 20.0, "seed": 1}));
+    c.finish(&json!("warm"));
+    let s = c.status();
+    let tps = s["latency"]["local"]["tokens_per_s"]
+        .as_f64()
+        .expect("a local estimate");
+    assert!(
+        tps > 0.0 && s["latency"]["cloud"]["ttft_ms"].is_null(),
+        "{s}"
+    );
+    let big = 1_000_000;
+    c.send(
+        &json!({"id": "r", "prompt": "A dog is", "max_tokens": big, "deadline_ms": 200,
+        "on_deadline": "refuse"}),
+    );
+    let (_, r) = c.finish(&json!("r"));
+    assert_eq!(r["code"], "deadline", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("tokens/s"), "{r}");
+    c.send(
+        &json!({"id": "s", "prompt": "A dog is", "max_tokens": big, "deadline_ms": 200,
+        "temperature": 20.0, "seed": 2}),
+    );
+    let (_, done) = c.finish(&json!("s"));
+    assert_eq!(
+        (done["type"].as_str(), done["finish_reason"].as_str()),
+        (Some("done"), Some("budget")),
+        "{done}"
+    );
+    assert!(done["usage"]["completion_tokens"].as_u64().unwrap() < big as u64);
+}

@@ -251,3 +251,87 @@ fn generate_command_reports_a_too_long_prompt() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not fit the context"));
 }
+
+/// Collects a job's events: the token count and the terminal event.
+fn drain(mut job: bitnetd::engine::JobHandle) -> (usize, JobEvent) {
+    let mut tokens = 0;
+    loop {
+        match job.events.blocking_recv().expect("a terminal event") {
+            JobEvent::Token(_) => tokens += 1,
+            other => return (tokens, other),
+        }
+    }
+}
+
+#[test]
+fn a_paused_engine_holds_jobs_until_it_resumes_and_deadlines_still_count() {
+    let (_d, model) = fixture_model();
+    let engine = Engine::spawn(model.clone(), EngineOptions { slots: 1, queue: 4 }).unwrap();
+    let req = |n| {
+        let p = GenerateParams {
+            max_tokens: n,
+            ..Default::default()
+        };
+        model.prepare(&Prompt::Ids(ids(4)), p).unwrap()
+    };
+    engine.set_paused(true);
+    let mut held = engine.submit(req(4), JobOptions::default()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(held.events.try_recv().is_err(), "nothing runs while paused");
+    let late = JobOptions {
+        deadline: Some(std::time::Instant::now() + std::time::Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let expired = engine.submit(req(4), late).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    engine.set_paused(false);
+    let (_, end) = drain(held);
+    assert!(matches!(end, JobEvent::Done(_)), "it runs once resumed");
+    let (_, end) = drain(expired);
+    assert!(
+        matches!(end, JobEvent::Error(EngineError::DeadlineExceeded { .. })),
+        "the deadline passed during the pause: {end:?}"
+    );
+}
+
+#[test]
+fn the_token_cap_ends_generations_with_budget() {
+    let (_d, model) = fixture_model();
+    let engine = Engine::spawn(model.clone(), EngineOptions { slots: 1, queue: 4 }).unwrap();
+    engine.set_token_cap(Some(3));
+    engine.set_free_idle(true);
+    let p = GenerateParams {
+        max_tokens: 50,
+        sampling: SamplingParams {
+            temperature: 20.0,
+            seed: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let job = engine
+        .submit(
+            model.prepare(&Prompt::Ids(ids(4)), p.clone()).unwrap(),
+            JobOptions::default(),
+        )
+        .unwrap();
+    let (tokens, end) = drain(job);
+    let JobEvent::Done(g) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(
+        (g.finish_reason, g.token_ids.len(), tokens),
+        (FinishReason::Budget, 3, 3)
+    );
+    engine.set_token_cap(None);
+    let job = engine
+        .submit(
+            model.prepare(&Prompt::Ids(ids(4)), p).unwrap(),
+            JobOptions::default(),
+        )
+        .unwrap();
+    let JobEvent::Done(g) = drain(job).1 else {
+        panic!()
+    };
+    assert!(g.token_ids.len() > 3, "the cap is lifted");
+}

@@ -434,3 +434,39 @@ fn the_cli_defers_and_fetches_the_result() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_hot_board_sends_auto_work_to_the_cloud_and_refuses_what_must_stay() {
+    let kimi = FakeKimi::start();
+    let d = Daemon::start_with(&config(&kimi, "[budget]\nsample_ms = 50\n"), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    let zone = d.board().join("sys/class/thermal/thermal_zone0");
+    std::fs::create_dir_all(&zone).unwrap();
+    std::fs::write(zone.join("temp"), "90000\n").unwrap();
+    let start = Instant::now();
+    while c.status()["budget"]["thermal"] != "hot" {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, done) = ask(&mut c, json!({"id": 1, "prompt": "A dog is"}));
+    assert_eq!(
+        (done["route"].as_str(), done["route_reason"].as_str()),
+        (Some("cloud"), Some("board_busy")),
+        "{done}"
+    );
+    let (_, r) = ask(
+        &mut c,
+        json!({"id": 2, "prompt": "A dog is", "private": true}),
+    );
+    assert_eq!(
+        (r["code"].as_str(), r["retry_after_ms"].as_u64()),
+        (Some("over_budget"), Some(30000)),
+        "{r}"
+    );
+    let s = c.status();
+    assert!(
+        s["latency"]["cloud"]["ttft_ms"].as_f64().is_some(),
+        "cloud latency is measured: {s}"
+    );
+}

@@ -47,6 +47,12 @@ impl AnswerCache {
         }
     }
 
+    pub fn clear(&self) {
+        if let Some(c) = &self.inner {
+            c.lock().unwrap().clear();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.inner.as_ref().map_or(0, |c| c.lock().unwrap().len())
     }

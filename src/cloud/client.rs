@@ -140,6 +140,11 @@ impl KimiClient {
         self.cache.len()
     }
 
+    /// Drops every cached answer (memory pressure).
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
     /// True while the breaker refuses requests.
     pub fn circuit_open(&self) -> bool {
         self.breaker.lock().unwrap().is_open(Instant::now())

@@ -88,6 +88,21 @@ pub struct BudgetConfig {
     /// At least 50 ms.
     pub sample_every: Duration,
     pub telemetry_root: PathBuf,
+    /// 1..=100.
+    pub warm_threads_percent: u8,
+    pub hot_action: HotAction,
+    /// At least 1.
+    pub pressure_max_tokens: usize,
+}
+
+/// What happens to a local request while the board is hot (local inference paused) and the cloud cannot take
+/// it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotAction {
+    /// `over_budget` at once, with `retry_after_ms`.
+    Refuse,
+    /// Accepted and held in the queue until the board cools (its deadline and expiry still apply).
+    Queue,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -465,6 +480,28 @@ fn validate(
     if b.sample_ms < 50 {
         return Err(invalid("budget.sample_ms", "must be at least 50".into()));
     }
+    if b.warm_threads_percent == 0 || b.warm_threads_percent > 100 {
+        return Err(invalid(
+            "budget.warm_threads_percent",
+            "must be between 1 and 100".into(),
+        ));
+    }
+    if b.pressure_max_tokens == 0 {
+        return Err(invalid(
+            "budget.pressure_max_tokens",
+            "must be at least 1".into(),
+        ));
+    }
+    let hot_action = match b.hot_action.as_str() {
+        "refuse" => HotAction::Refuse,
+        "queue" => HotAction::Queue,
+        other => {
+            return Err(invalid(
+                "budget.hot_action",
+                format!("{other:?} is not one of \"refuse\", \"queue\""),
+            ))
+        }
+    };
     let budget = BudgetConfig {
         memory_bytes,
         default_deadline: (b.default_deadline_ms > 0)
@@ -474,6 +511,9 @@ fn validate(
         hysteresis_c: b.hysteresis_c,
         sample_every: Duration::from_millis(b.sample_ms),
         telemetry_root: b.telemetry_root.clone(),
+        warm_threads_percent: b.warm_threads_percent,
+        hot_action,
+        pressure_max_tokens: b.pressure_max_tokens,
     };
     let filter = env.get(Env::LOG).unwrap_or(raw.logging.level.clone());
     if let Err(m) = check_filter(&filter) {

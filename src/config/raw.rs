@@ -107,6 +107,12 @@ pub struct RawBudget {
     pub sample_ms: u64,
     /// Where `/sys` and `/proc` are read from (tests and containers point it elsewhere).
     pub telemetry_root: PathBuf,
+    /// Warm or under-voltage: this share of the threads.
+    pub warm_threads_percent: u8,
+    /// Hot, for requests that cannot go to the cloud: `refuse` or `queue`.
+    pub hot_action: String,
+    /// Memory pressure: running generations stop after this many tokens.
+    pub pressure_max_tokens: usize,
 }
 
 impl Default for RawBudget {
@@ -119,6 +125,9 @@ impl Default for RawBudget {
             hysteresis_c: 5.0,
             sample_ms: 1000,
             telemetry_root: PathBuf::from("/"),
+            warm_threads_percent: 50,
+            hot_action: "refuse".into(),
+            pressure_max_tokens: 32,
         }
     }
 }

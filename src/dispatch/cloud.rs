@@ -93,8 +93,13 @@ impl CloudJob {
                 log::info!(id:% = self.id, route = "cloud", route_reason = self.route_reason, cached = a.cached,
                     attempts = a.attempts, finish_reason = a.finish_reason.as_str(),
                     completion_tokens = usage.completion_tokens, total_ms = ms(total); "request done");
-                self.dispatcher
-                    .cloud_finished(self.seq, None, usage.completion_tokens);
+                let timing = Timing::measured(ttft, total, usage.completion_tokens);
+                self.dispatcher.cloud_finished(
+                    self.seq,
+                    None,
+                    usage.completion_tokens,
+                    (!a.cached).then_some(&timing),
+                );
                 let _ = self.tx.send(Reply::Done(Done {
                     id: self.id.clone(),
                     text: (!self.stream).then_some(a.text),
@@ -109,7 +114,7 @@ impl CloudJob {
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens,
                     },
-                    timing: Timing::measured(ttft, total, usage.completion_tokens),
+                    timing,
                 }));
             }
             Err((error, relayed_any)) => self.failed(error, relayed_any || relayed),
@@ -153,7 +158,8 @@ impl CloudJob {
                     }
                     Err(e) => {
                         let _ = self.tx.send(e.with_id(&self.id).into());
-                        self.dispatcher.cloud_finished(self.seq, Some(cause), 0);
+                        self.dispatcher
+                            .cloud_finished(self.seq, Some(cause), 0, None);
                         return;
                     }
                 }
@@ -168,6 +174,7 @@ impl CloudJob {
         }
         log::warn!(id:% = self.id, cause = cause.as_str(), relayed; "cloud request failed: {}", error.message);
         let _ = self.tx.send(e.with_id(&self.id).into());
-        self.dispatcher.cloud_finished(self.seq, Some(cause), 0);
+        self.dispatcher
+            .cloud_finished(self.seq, Some(cause), 0, None);
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Dispatcher;
-use crate::engine::{Generation, JobEvent, JobHandle};
+use crate::engine::{FinishReason, Generation, JobEvent, JobHandle};
 use crate::protocol::{Done, ErrorCode, Id, Reply, Served, Timing, Usage, WireError};
 
 pub(super) fn ms(d: Duration) -> f64 {
@@ -24,6 +24,8 @@ pub(super) struct Pump {
     pub route_reason: &'static str,
     /// The cloud failure that sent it here, when it is a fallback.
     pub fallback: Option<&'static str>,
+    /// `max_tokens` as lowered to meet the deadline; reaching it ends with `budget`, not `length`.
+    pub shortened: Option<usize>,
     pub tx: UnboundedSender<Reply>,
 }
 
@@ -107,7 +109,12 @@ impl Pump {
                 cached: false,
                 deferred: false,
                 model: self.dispatcher.model_name().to_string(),
-                finish_reason: g.finish_reason,
+                finish_reason: match (g.finish_reason, self.shortened) {
+                    (FinishReason::Length, Some(n)) if g.completion_tokens() >= n => {
+                        FinishReason::Budget
+                    }
+                    (r, _) => r,
+                },
                 usage: Usage {
                     prompt_tokens: g.prompt_tokens,
                     completion_tokens: g.completion_tokens(),

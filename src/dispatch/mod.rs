@@ -15,10 +15,13 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::watch;
 
 pub use cloud::CloudRoute;
-pub use status::{CloudStatus, EngineStatus, MemoryStatus, RequestCounts, Status};
+pub use status::{
+    CloudStatus, EngineStatus, LatencyStatus, MemoryStatus, RequestCounts, RouteLatency, Status,
+};
 
 use crate::budget::KvModel;
 use crate::cloud::{Cause, CloudRequest};
+use crate::config::HotAction;
 use crate::deferred::{Lookup, QueueError, ReplyTo, TaskRequest};
 use crate::engine::{
     Backend, CancelToken, EngineError, GenerateParams, Generation, JobOptions, Message, Prompt,
@@ -26,7 +29,7 @@ use crate::engine::{
 };
 use crate::governor::Budget;
 use crate::inflight::InFlight;
-use crate::protocol::{ErrorCode, Id, Reply, Request, Route, WireError};
+use crate::protocol::{ErrorCode, Id, OnDeadline, Reply, Request, Route, WireError};
 use crate::router::{
     self, complexity, CloudState, Decision, LocalFit, LocalSpeed, Reason, RouteRequest, Situation,
 };
@@ -52,6 +55,8 @@ pub struct DispatchOptions {
     pub kv: Option<KvModel>,
     /// The cloud route; `None` when no cloud is configured (everything runs locally).
     pub cloud: Option<CloudRoute>,
+    /// Local requests while the board is hot: refused, or held until it cools.
+    pub hot_action: HotAction,
 }
 
 /// Where and when a request came in.
@@ -172,13 +177,14 @@ impl Dispatcher {
         match decision {
             Decision::Refuse(e) => Err(e),
             Decision::Local(reason) => {
-                let validated = local.map_err(too_long)?;
+                let mut validated = local.map_err(too_long)?;
                 self.admit_local()?;
+                let shortened = self.fit_deadline(req, &mut validated, deadline)?;
                 let opts = JobOptions {
                     deadline,
                     start_by: origin.start_by,
                 };
-                self.start_local(req, &origin, validated, opts, reason)
+                self.start_local(req, &origin, validated, opts, reason, shortened)
             }
             Decision::Cloud { reason, fallback } => {
                 let fallback = local
@@ -236,13 +242,7 @@ impl Dispatcher {
             ),
             None => (f32::INFINITY, false, 0.0),
         };
-        let speed = {
-            let c = self.counters.lock().unwrap();
-            c.ttft_ms.zip(c.tokens_per_s).map(|(ttft, tps)| LocalSpeed {
-                ttft: Duration::from_secs_f64(ttft / 1e3),
-                tokens_per_s: tps,
-            })
-        };
+        let speed = self.local_speed();
         let fit = match local {
             Ok(v) => LocalFit::Fits {
                 prompt_tokens: v.prompt_ids().len(),
@@ -265,12 +265,66 @@ impl Dispatcher {
             },
             &Situation {
                 cloud: cloud_state,
-                local_admits: self.admit_local().is_ok(),
+                local_admits: self
+                    .opts
+                    .budget
+                    .as_ref()
+                    .is_none_or(|b| b.borrow().directive.admit_local),
                 local_speed: speed,
                 complexity_threshold: threshold,
                 fallback_to_local: fallback,
             },
         )
+    }
+
+    /// The measured local speed (moving averages), once there is one.
+    fn local_speed(&self) -> Option<LocalSpeed> {
+        let c = self.counters.lock().unwrap();
+        c.ttft_ms.zip(c.tokens_per_s).map(|(ttft, tps)| LocalSpeed {
+            ttft: Duration::from_secs_f64(ttft / 1e3),
+            tokens_per_s: tps,
+        })
+    }
+
+    /// Applies the request's deadline to a local run: when `max_tokens` cannot be generated in time at the
+    /// measured speed, shortens it to what fits (returns the new limit) or refuses with `deadline`, as the
+    /// request asks.
+    fn fit_deadline(
+        &self,
+        req: &Request,
+        v: &mut ValidatedRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Option<usize>, WireError> {
+        let (Some(deadline), Some(speed)) = (deadline, self.local_speed()) else {
+            return Ok(None);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wanted = v.max_new_tokens();
+        let needed = speed.estimate(wanted);
+        if needed <= left {
+            return Ok(None);
+        }
+        match req.on_deadline {
+            OnDeadline::Refuse => Err(WireError::new(
+                ErrorCode::Deadline,
+                format!(
+                    "{wanted} tokens need about {} ms here (first token {} ms, {:.1} tokens/s) and the deadline \
+                     leaves {} ms: lower max_tokens, allow more time, or send on_deadline \"shorten\"",
+                    needed.as_millis(),
+                    speed.ttft.as_millis(),
+                    speed.tokens_per_s,
+                    left.as_millis()
+                ),
+            )),
+            OnDeadline::Shorten => {
+                let decode = left.saturating_sub(speed.ttft).as_secs_f64() * speed.tokens_per_s;
+                let fits = 1 + decode.floor() as usize;
+                v.shorten_to(fits);
+                log::info!(id:% = req.id, max_tokens = wanted, shortened_to = v.max_new_tokens(),
+                    left_ms = left.as_millis() as u64; "shortened to meet the deadline");
+                Ok(Some(v.max_new_tokens()))
+            }
+        }
     }
 
     fn count_route(&self, route: &'static str, reason: Reason) {
@@ -290,6 +344,7 @@ impl Dispatcher {
         validated: ValidatedRequest,
         opts: JobOptions,
         reason: Reason,
+        shortened: Option<usize>,
     ) -> Result<Ticket, WireError> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, replies) = unbounded_channel();
@@ -304,6 +359,8 @@ impl Dispatcher {
             opts,
             tx,
         )?;
+        let mut pump = pump;
+        pump.0.shortened = shortened;
         let cancel = pump.1;
         self.count_route("local", reason);
         log::info!(id:% = req.id, source = origin.source, route = "local", route_reason = reason.as_str(),
@@ -346,6 +403,7 @@ impl Dispatcher {
             prompt_tokens,
             route_reason,
             fallback: fallback.map(Cause::as_str),
+            shortened: None,
             tx,
         };
         Ok((pump, cancel, job))
@@ -462,7 +520,7 @@ impl Dispatcher {
             }
         })?;
         self.count_route("deferred", reason);
-        self.counters.lock().unwrap().done += 1;
+        self.counters.lock().unwrap().deferred += 1;
         log::info!(id:% = req.id, source = origin.source, route = "deferred", route_reason = reason.as_str(),
             seq = task.seq; "request deferred until the cloud is reachable");
         let (tx, replies) = unbounded_channel();
@@ -503,14 +561,27 @@ impl Dispatcher {
         }
     }
 
-    /// A cloud request ended (`cause` when it failed), without a fallback.
-    fn cloud_finished(&self, seq: u64, cause: Option<Cause>, tokens: usize) {
+    /// A cloud request ended (`cause` when it failed), without a fallback; `timing` of a fresh (not cached)
+    /// answer feeds the cloud latency estimate.
+    fn cloud_finished(
+        &self,
+        seq: u64,
+        cause: Option<Cause>,
+        tokens: usize,
+        timing: Option<&crate::protocol::Timing>,
+    ) {
         {
             let mut c = self.counters.lock().unwrap();
             match cause {
                 None => {
                     c.done += 1;
                     c.tokens_out += tokens as u64;
+                    if let Some(t) = timing {
+                        c.cloud_ttft_ms = ewma(c.cloud_ttft_ms, t.ttft_ms);
+                        if t.tokens_per_s > 0.0 {
+                            c.cloud_tokens_per_s = ewma(c.cloud_tokens_per_s, t.tokens_per_s);
+                        }
+                    }
                 }
                 Some(cause) => {
                     c.failed += 1;
@@ -563,6 +634,13 @@ impl Dispatcher {
         };
         let b = b.borrow();
         if b.directive.admit_local {
+            return Ok(());
+        }
+        // Hot but not short of memory: `queue` accepts the request; the paused engine holds it.
+        if b.directive.local_paused
+            && !b.state.memory_pressure
+            && self.opts.hot_action == HotAction::Queue
+        {
             return Ok(());
         }
         let why = if b.directive.local_paused {
@@ -660,6 +738,7 @@ impl Dispatcher {
                 served: c.done,
                 failed: c.failed,
                 rejected: c.rejected,
+                deferred: c.deferred,
                 in_flight: self.in_flight(),
                 tokens_generated: c.tokens_out,
                 routes: c.routes.clone(),
@@ -671,6 +750,10 @@ impl Dispatcher {
                 rss_bytes: crate::budget::process_rss_bytes(),
                 rss_before_model_bytes: self.opts.rss_before_model,
                 budget_bytes: self.opts.memory_budget,
+            },
+            latency: LatencyStatus {
+                local: RouteLatency::rounded(c.ttft_ms, c.tokens_per_s),
+                cloud: RouteLatency::rounded(c.cloud_ttft_ms, c.cloud_tokens_per_s),
             },
             budget: self.opts.budget.as_ref().map(|b| b.borrow().clone()),
             cloud: self.opts.cloud.as_ref().map(|r| CloudStatus {

@@ -15,10 +15,14 @@ pub(super) struct Counters {
     pub done: u64,
     pub failed: u64,
     pub rejected: u64,
+    pub deferred: u64,
     pub tokens_out: u64,
     /// Moving averages over recent local requests.
     pub tokens_per_s: Option<f64>,
     pub ttft_ms: Option<f64>,
+    /// Moving averages over recent cloud requests (time to first token from acceptance).
+    pub cloud_tokens_per_s: Option<f64>,
+    pub cloud_ttft_ms: Option<f64>,
     /// Accepted requests by route (`local`, `cloud`, `deferred`) and reason.
     pub routes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Cloud requests that ran locally instead, by the cloud's failure cause.
@@ -51,6 +55,8 @@ pub struct Status {
     /// Moving average of local time to first token, queue included.
     pub ttft_ms: Option<f64>,
     pub memory: MemoryStatus,
+    /// Moving estimates of time to first token and decode speed, per route (null before a measurement).
+    pub latency: LatencyStatus,
     /// The governor's view (absent when ungoverned).
     pub budget: Option<Budget>,
     /// The cloud route (absent when no cloud is configured).
@@ -79,12 +85,36 @@ pub struct RequestCounts {
     pub failed: u64,
     /// Refused before acceptance (bad input, busy, ...).
     pub rejected: u64,
+    /// Accepted and stored for the cloud (terminal reply `deferred`); their results come later.
+    pub deferred: u64,
     pub in_flight: usize,
     pub tokens_generated: u64,
     /// Accepted requests by route (`local`, `cloud`, `deferred`), then by reason.
     pub routes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Requests meant for the cloud that ran locally, by the cloud's failure cause.
     pub fallbacks: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LatencyStatus {
+    pub local: RouteLatency,
+    pub cloud: RouteLatency,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RouteLatency {
+    pub ttft_ms: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+}
+
+impl RouteLatency {
+    pub(super) fn rounded(ttft_ms: Option<f64>, tokens_per_s: Option<f64>) -> RouteLatency {
+        let r = |v: f64| (v * 10.0).round() / 10.0;
+        RouteLatency {
+            ttft_ms: ttft_ms.map(r),
+            tokens_per_s: tokens_per_s.map(r),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

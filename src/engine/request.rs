@@ -124,6 +124,11 @@ impl ValidatedRequest {
         self.max_new_tokens
     }
 
+    /// Lowers the most tokens generated to `n` (at least 1); never raises it.
+    pub fn shorten_to(&mut self, n: usize) {
+        self.max_new_tokens = self.max_new_tokens.min(n.max(1));
+    }
+
     pub fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
     }

@@ -3,14 +3,14 @@
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::session::Observer;
+use super::session::{Observer, Session};
 use super::{
     EngineError, FinishReason, GenerateParams, Generation, Model, Prompt, TokenEvent,
     ValidatedRequest,
@@ -128,7 +128,16 @@ struct Shared {
     queue: Mutex<Receiver<Job>>,
     waiting: AtomicUsize,
     slots: Vec<SlotState>,
+    /// Local inference is paused (the board is too hot): jobs wait before starting and between steps.
+    paused: AtomicBool,
+    /// Running generations stop after this many tokens (`usize::MAX`: no cap).
+    token_cap: AtomicUsize,
+    /// Idle slots release their KV cache.
+    free_idle: AtomicBool,
 }
+
+/// How often a paused job, or an idle slot, looks again.
+const TICK: Duration = Duration::from_millis(50);
 
 impl Shared {
     fn now_ms(&self) -> u64 {
@@ -161,6 +170,9 @@ impl Engine {
             queue: Mutex::new(rx),
             waiting: AtomicUsize::new(0),
             slots: (0..opts.slots).map(|_| SlotState::default()).collect(),
+            paused: AtomicBool::new(false),
+            token_cap: AtomicUsize::new(usize::MAX),
+            free_idle: AtomicBool::new(false),
         });
         let mut threads = Vec::with_capacity(opts.slots);
         for slot in 0..opts.slots {
@@ -178,6 +190,26 @@ impl Engine {
             shared,
             threads: Arc::new(threads),
         })
+    }
+}
+
+impl Engine {
+    /// Pauses local inference (queued jobs wait; running ones stop between forward passes, their deadlines
+    /// still counting) or resumes it.
+    pub fn set_paused(&self, paused: bool) {
+        self.shared.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Caps running and future generations at `cap` tokens (`finish_reason: "budget"`); `None` lifts it.
+    pub fn set_token_cap(&self, cap: Option<usize>) {
+        self.shared
+            .token_cap
+            .store(cap.unwrap_or(usize::MAX), Ordering::SeqCst);
+    }
+
+    /// While true, a slot frees its KV cache as soon as it is idle.
+    pub fn set_free_idle(&self, free: bool) {
+        self.shared.free_idle.store(free, Ordering::SeqCst);
     }
 }
 
@@ -233,22 +265,36 @@ impl Backend for Engine {
 }
 
 fn slot_loop(model: Arc<Model>, shared: Arc<Shared>, slot: usize) {
-    let next = || {
-        let job = shared.queue.lock().ok()?.recv().ok()?;
-        shared.waiting.fetch_sub(1, Ordering::SeqCst);
-        Some(job)
+    let next = |session: Option<&mut Session>| {
+        let mut session = session;
+        loop {
+            let r = shared.queue.lock().ok()?.recv_timeout(TICK * 4);
+            match r {
+                Ok(job) => {
+                    shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    return Some(job);
+                }
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(s) = session.as_deref_mut() {
+                        free_if_asked(&shared, s);
+                    }
+                }
+            }
+        }
     };
     let mut session = match model.session() {
         Ok(s) => s,
         Err(e) => {
-            while let Some(job) = next() {
+            while let Some(job) = next(None) {
                 let _ = job.events.send(JobEvent::Error(e.clone()));
             }
             return;
         }
     };
     let state = &shared.slots[slot];
-    while let Some(job) = next() {
+    while let Some(job) = next(Some(&mut session)) {
+        wait_while_paused(&shared, &job);
         let queue_time = job.queued_at.elapsed();
         let result = if job.cancel.is_cancelled() {
             Ok(Generation::ended_before_start(
@@ -267,11 +313,13 @@ fn slot_loop(model: Arc<Model>, shared: Arc<Shared>, slot: usize) {
                 job: &job,
                 progress: &state.last_progress,
                 shared: &shared,
+                generated: 0,
             };
             let r = session.generate(&job.req, &mut watch);
             state.last_progress.store(0, Ordering::Relaxed);
             r
         };
+        free_if_asked(&shared, &mut session);
         let _ = job.events.send(match result {
             Ok(mut g) => {
                 g.queue_time = queue_time;
@@ -282,33 +330,68 @@ fn slot_loop(model: Arc<Model>, shared: Arc<Shared>, slot: usize) {
     }
 }
 
-/// Streams a job's tokens, marks progress for the watchdog, and stops on cancel, a gone receiver, or the deadline.
+/// Releases the session's KV cache when the governor asks for it (memory pressure).
+fn free_if_asked(shared: &Shared, session: &mut Session) {
+    if shared.free_idle.load(Ordering::SeqCst) && !session.is_empty() {
+        match session.reset() {
+            Ok(()) => log::debug!("idle KV cache freed (memory pressure)"),
+            Err(e) => log::warn!("freeing an idle KV cache: {e}"),
+        }
+    }
+}
+
+/// Holds a job that has not started while local inference is paused, until it resumes or the job is
+/// cancelled, expired or past its deadline (the caller then handles those as usual).
+fn wait_while_paused(shared: &Shared, job: &Job) {
+    while shared.paused.load(Ordering::SeqCst)
+        && !job.cancel.is_cancelled()
+        && !job.events.is_closed()
+        && job.opts.start_by.is_none_or(|d| Instant::now() < d)
+        && job.opts.deadline.is_none_or(|d| Instant::now() < d)
+    {
+        std::thread::sleep(TICK);
+    }
+}
+
+/// Streams a job's tokens, marks progress for the watchdog, waits while inference is paused, and stops on
+/// cancel, a gone receiver, the deadline, or the governor's token cap.
 struct JobObserver<'a> {
     job: &'a Job,
     progress: &'a AtomicU64,
     shared: &'a Shared,
+    generated: usize,
 }
 
 impl JobObserver<'_> {
     fn limits(&self) -> ControlFlow<FinishReason> {
-        self.progress.store(self.shared.now_ms(), Ordering::Relaxed);
-        if self.job.cancel.is_cancelled() || self.job.events.is_closed() {
-            ControlFlow::Break(FinishReason::Cancelled)
-        } else if self.job.opts.deadline.is_some_and(|d| Instant::now() >= d) {
-            ControlFlow::Break(FinishReason::Budget)
-        } else {
-            ControlFlow::Continue(())
+        loop {
+            // A paused job counts as progressing: the pause is deliberate, not a stuck engine.
+            self.progress.store(self.shared.now_ms(), Ordering::Relaxed);
+            if self.job.cancel.is_cancelled() || self.job.events.is_closed() {
+                return ControlFlow::Break(FinishReason::Cancelled);
+            }
+            if self.job.opts.deadline.is_some_and(|d| Instant::now() >= d) {
+                return ControlFlow::Break(FinishReason::Budget);
+            }
+            if !self.shared.paused.load(Ordering::SeqCst) {
+                return ControlFlow::Continue(());
+            }
+            std::thread::sleep(TICK);
         }
     }
 }
 
 impl Observer for JobObserver<'_> {
     fn check(&mut self) -> ControlFlow<FinishReason> {
+        if self.generated >= self.shared.token_cap.load(Ordering::SeqCst) {
+            return ControlFlow::Break(FinishReason::Budget);
+        }
         self.limits()
     }
 
     fn token(&mut self, t: &TokenEvent) -> ControlFlow<FinishReason> {
         self.limits()?;
+        self.generated += 1;
         if self.job.events.send(JobEvent::Token(t.clone())).is_err() {
             return ControlFlow::Break(FinishReason::Cancelled);
         }

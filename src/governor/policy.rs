@@ -22,6 +22,10 @@ pub struct Limits {
     pub min_available_bytes: u64,
     /// The inference threads when all is well.
     pub max_threads: usize,
+    /// Warm or under-voltage: this percentage of `max_threads` (at least one thread).
+    pub warm_threads_percent: u8,
+    /// Under memory pressure, running generations stop after this many tokens (`finish_reason: "budget"`).
+    pub pressure_max_tokens: usize,
 }
 
 impl Default for Limits {
@@ -34,6 +38,8 @@ impl Default for Limits {
             psi_some_avg10: 10.0,
             min_available_bytes: 128 << 20,
             max_threads: 4,
+            warm_threads_percent: 50,
+            pressure_max_tokens: 32,
         }
     }
 }
@@ -71,6 +77,10 @@ pub struct Directive {
     pub admit_local: bool,
     /// Hint for refused or waiting requests, in milliseconds.
     pub retry_after_ms: Option<u64>,
+    /// Memory pressure: running generations stop after this many tokens.
+    pub max_new_tokens: Option<usize>,
+    /// Memory pressure: release what can be rebuilt (idle KV caches, the cloud answer cache).
+    pub free_caches: bool,
 }
 
 /// The next state from `prev` and a new reading. Missing readings keep the previous level (a sensor that
@@ -117,7 +127,7 @@ fn thermal_level(prev: Thermal, t: f32, l: &Limits) -> Thermal {
 pub fn directive(state: &State, l: &Limits) -> Directive {
     let constrained = state.thermal >= Thermal::Warm || state.under_voltage;
     let threads = if constrained {
-        (l.max_threads / 2).max(1)
+        (l.max_threads * usize::from(l.warm_threads_percent.min(100)) / 100).max(1)
     } else {
         l.max_threads
     };
@@ -128,6 +138,8 @@ pub fn directive(state: &State, l: &Limits) -> Directive {
         local_paused,
         admit_local,
         retry_after_ms: (!admit_local).then_some(if local_paused { 30_000 } else { 5_000 }),
+        max_new_tokens: state.memory_pressure.then_some(l.pressure_max_tokens),
+        free_caches: state.memory_pressure,
     }
 }
 
@@ -195,7 +207,9 @@ mod tests {
                 threads: 4,
                 local_paused: false,
                 admit_local: true,
-                retry_after_ms: None
+                retry_after_ms: None,
+                max_new_tokens: None,
+                free_caches: false,
             }
         );
         assert_eq!(d(76.0).threads, 2);
@@ -291,5 +305,44 @@ mod tests {
         let s = step(&State::default(), &roomy, &l);
         assert_eq!(s.memory_budget, 4 << 30);
         assert!(!s.cgroup_limited);
+    }
+
+    #[test]
+    fn memory_pressure_shortens_running_generations_and_frees_caches() {
+        let l = Limits::default();
+        let calm = directive(&State::default(), &l);
+        assert_eq!((calm.max_new_tokens, calm.free_caches), (None, false));
+        let pressed = State {
+            memory_pressure: true,
+            ..State::default()
+        };
+        let d = directive(&pressed, &l);
+        assert_eq!((d.max_new_tokens, d.free_caches), (Some(32), true));
+    }
+
+    #[test]
+    fn the_warm_thread_share_is_configurable_and_never_zero() {
+        let warm = State {
+            thermal: Thermal::Warm,
+            ..State::default()
+        };
+        let l = Limits {
+            max_threads: 4,
+            warm_threads_percent: 25,
+            ..Limits::default()
+        };
+        assert_eq!(directive(&warm, &l).threads, 1);
+        let l = Limits {
+            max_threads: 4,
+            warm_threads_percent: 0,
+            ..Limits::default()
+        };
+        assert_eq!(directive(&warm, &l).threads, 1);
+        let l = Limits {
+            max_threads: 8,
+            warm_threads_percent: 75,
+            ..Limits::default()
+        };
+        assert_eq!(directive(&warm, &l).threads, 6);
     }
 }
