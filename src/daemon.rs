@@ -263,6 +263,7 @@ async fn apply_directive(
         if now != before {
             log::warn!(threads = now, was = before; "inference threads changed by the governor");
         }
+        model.set_prefill_chunk(d.prefill_chunk);
         engine.set_paused(d.local_paused);
         engine.set_token_cap(d.max_new_tokens);
         engine.set_free_idle(d.free_caches);

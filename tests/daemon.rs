@@ -524,6 +524,10 @@ fn heat_pauses_local_inference_and_cooling_with_hysteresis_resumes_it() {
     let s = c.status();
     assert_eq!(s["budget"]["directive"]["threads"], (full / 2).max(1));
     assert_eq!(
+        s["budget"]["directive"]["prefill_chunk"], 64,
+        "smaller prefill batches"
+    );
+    assert_eq!(
         s["engine"]["threads"],
         (full / 2).max(1),
         "the engine runs on fewer threads: {s}"

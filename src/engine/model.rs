@@ -57,6 +57,8 @@ pub struct Model {
     packed_linear_ops: usize,
     /// Threads in use now (one of `executors`).
     threads: AtomicUsize,
+    /// Prompt tokens per prefill step (the governor lowers it when the board runs warm).
+    prefill_chunk: AtomicUsize,
     /// (threads, executor), the configured count first.
     executors: Vec<(usize, Executor)>,
 }
@@ -137,6 +139,7 @@ impl Model {
             kernel,
             packed_linear_ops,
             threads: AtomicUsize::new(opts.threads),
+            prefill_chunk: AtomicUsize::new(super::PREFILL_CHUNK),
             executors,
         }))
     }
@@ -165,6 +168,18 @@ impl Model {
     /// Threads used for matrix products.
     pub fn threads(&self) -> usize {
         self.threads.load(Ordering::Relaxed)
+    }
+
+    /// Prompt tokens fed per prefill step.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk.load(Ordering::Relaxed)
+    }
+
+    /// Sets the prefill step (1 to [`super::PREFILL_CHUNK`]), from the next prompt on. Smaller steps mean lower
+    /// peak power and activation memory, at some prefill speed.
+    pub fn set_prefill_chunk(&self, n: usize) {
+        self.prefill_chunk
+            .store(n.clamp(1, super::PREFILL_CHUNK), Ordering::Relaxed);
     }
 
     /// The most threads loaded for this model (what [`LoadOptions`] asked for).

@@ -12,7 +12,8 @@ use super::sampler::Sampler;
 use super::text::TextStream;
 use super::{EngineError, Model};
 
-/// Prompt tokens fed to the model per step during prefill (bounds activation memory).
+/// Prompt tokens fed to the model per step during prefill (bounds activation memory); the most
+/// [`crate::engine::Model::set_prefill_chunk`] allows.
 pub const PREFILL_CHUNK: usize = 256;
 
 /// Why generation ended.
@@ -173,7 +174,7 @@ impl Session {
         self.reset()?;
         let prompt = req.prompt_ids();
         let mut logits = vec![];
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
+        for chunk in prompt.chunks(self.model.prefill_chunk()) {
             if let ControlFlow::Break(reason) = observer.check() {
                 let mut g = Generation::ended_before_start(req, reason);
                 g.total = start.elapsed();

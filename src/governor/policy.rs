@@ -77,6 +77,8 @@ pub struct Directive {
     pub admit_local: bool,
     /// Hint for refused or waiting requests, in milliseconds.
     pub retry_after_ms: Option<u64>,
+    /// Prompt tokens per prefill step: smaller batches when warm or under-voltage.
+    pub prefill_chunk: usize,
     /// Memory pressure: running generations stop after this many tokens.
     pub max_new_tokens: Option<usize>,
     /// Memory pressure: release what can be rebuilt (idle KV caches, the cloud answer cache).
@@ -123,6 +125,9 @@ fn thermal_level(prev: Thermal, t: f32, l: &Limits) -> Thermal {
     }
 }
 
+/// Prompt tokens per prefill step when warm or under-voltage (a quarter of the normal step).
+pub const WARM_PREFILL_CHUNK: usize = crate::engine::PREFILL_CHUNK / 4;
+
 /// What `state` asks of the scheduler and router.
 pub fn directive(state: &State, l: &Limits) -> Directive {
     let constrained = state.thermal >= Thermal::Warm || state.under_voltage;
@@ -138,6 +143,11 @@ pub fn directive(state: &State, l: &Limits) -> Directive {
         local_paused,
         admit_local,
         retry_after_ms: (!admit_local).then_some(if local_paused { 30_000 } else { 5_000 }),
+        prefill_chunk: if constrained {
+            WARM_PREFILL_CHUNK
+        } else {
+            crate::engine::PREFILL_CHUNK
+        },
         max_new_tokens: state.memory_pressure.then_some(l.pressure_max_tokens),
         free_caches: state.memory_pressure,
     }
@@ -208,11 +218,17 @@ mod tests {
                 local_paused: false,
                 admit_local: true,
                 retry_after_ms: None,
+                prefill_chunk: crate::engine::PREFILL_CHUNK,
                 max_new_tokens: None,
                 free_caches: false,
             }
         );
         assert_eq!(d(76.0).threads, 2);
+        assert_eq!(
+            d(76.0).prefill_chunk,
+            WARM_PREFILL_CHUNK,
+            "smaller batches when warm"
+        );
         assert!(d(76.0).admit_local);
         let hot = d(83.0);
         assert!(hot.local_paused && !hot.admit_local);
