@@ -282,11 +282,24 @@ fn run(config: Config) -> Result<()> {
     result
 }
 
+/// The socket of the installed service (bitnetd.socket).
+const SYSTEM_SOCKET: &str = "/run/bitnetd/bitnetd.sock";
+
+/// The socket the clients talk to: `--socket`, else the configuration's (`--config`, `$BITNETD_CONFIG`);
+/// without either, when the default one does not exist but the installed service's does, that one, so that
+/// `bitnetd status` works as is on a board where the package is installed.
 fn socket_path(socket: Option<PathBuf>, config: Option<PathBuf>, env: &Env) -> Result<PathBuf> {
-    match socket {
-        Some(s) => Ok(s),
-        None => Ok(Config::load(config.as_deref(), env)?.socket.path),
+    if let Some(s) = socket {
+        return Ok(s);
     }
+    let explicit =
+        config.is_some() || env.get(Env::CONFIG).is_some() || env.get(Env::SOCKET).is_some();
+    let path = Config::load(config.as_deref(), env)?.socket.path;
+    let system = PathBuf::from(SYSTEM_SOCKET);
+    if !explicit && !path.exists() && system.exists() {
+        return Ok(system);
+    }
+    Ok(path)
 }
 
 fn ask(a: AskArgs, env: &Env) -> Result<()> {
