@@ -140,16 +140,16 @@ impl CloudJob {
         if cause != Cause::Cancelled && early {
             if let Some(fb) = self.fallback {
                 let started = Instant::now();
-                let r = self.dispatcher.fallback(
-                    self.seq,
-                    &self.id,
-                    self.stream,
-                    self.received,
-                    self.route_reason,
-                    cause,
-                    fb,
-                    self.tx.clone(),
-                );
+                let run = super::LocalRun {
+                    seq: self.seq,
+                    id: self.id.clone(),
+                    stream: self.stream,
+                    received: self.received,
+                    route_reason: self.route_reason,
+                    fallback: Some(cause),
+                    shortened: None,
+                };
+                let r = self.dispatcher.fallback(run, cause, fb, self.tx.clone());
                 match r {
                     Ok(()) => {
                         log::warn!(id:% = self.id, cause = cause.as_str(), switch_ms = ms(started.elapsed());

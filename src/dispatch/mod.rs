@@ -36,6 +36,19 @@ use crate::router::{
 use local::ms;
 use status::{ewma, Counters};
 
+/// The reply side of a local run: whom it answers, and what its `done` says about how it got there.
+struct LocalRun {
+    seq: u64,
+    id: Id,
+    stream: bool,
+    received: Instant,
+    route_reason: &'static str,
+    /// The cloud's failure cause, when this run is a fallback.
+    fallback: Option<Cause>,
+    /// `max_tokens` as lowered to meet the deadline.
+    shortened: Option<usize>,
+}
+
 /// Request defaults and limits that come from the configuration.
 #[derive(Debug, Clone)]
 pub struct DispatchOptions {
@@ -348,19 +361,16 @@ impl Dispatcher {
     ) -> Result<Ticket, WireError> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, replies) = unbounded_channel();
-        let pump = self.submit_local(
+        let run = LocalRun {
             seq,
-            &req.id,
-            req.stream,
-            origin.received,
-            reason.as_str(),
-            None,
-            validated,
-            opts,
-            tx,
-        )?;
-        let mut pump = pump;
-        pump.0.shortened = shortened;
+            id: req.id.clone(),
+            stream: req.stream,
+            received: origin.received,
+            route_reason: reason.as_str(),
+            fallback: None,
+            shortened,
+        };
+        let pump = self.submit_local(run, validated, opts, tx)?;
         let cancel = pump.1;
         self.count_route("local", reason);
         log::info!(id:% = req.id, source = origin.source, route = "local", route_reason = reason.as_str(),
@@ -373,19 +383,14 @@ impl Dispatcher {
     }
 
     /// Reserves memory, queues the job on the engine and tracks it; the caller spawns the returned pump.
-    #[allow(clippy::too_many_arguments)]
     fn submit_local(
         self: &Arc<Self>,
-        seq: u64,
-        id: &Id,
-        stream: bool,
-        received: Instant,
-        route_reason: &'static str,
-        fallback: Option<Cause>,
+        run: LocalRun,
         validated: ValidatedRequest,
         opts: JobOptions,
         tx: UnboundedSender<Reply>,
     ) -> Result<(local::Pump, CancelToken, crate::engine::JobHandle), WireError> {
+        let seq = run.seq;
         let prompt_tokens = validated.prompt_ids().len();
         self.reserve(seq, prompt_tokens + validated.max_new_tokens())?;
         let job = self.backend.submit(validated, opts).map_err(|e| {
@@ -397,44 +402,33 @@ impl Dispatcher {
         let pump = local::Pump {
             dispatcher: self.clone(),
             seq,
-            id: id.clone(),
-            stream,
-            received,
+            id: run.id,
+            stream: run.stream,
+            received: run.received,
             prompt_tokens,
-            route_reason,
-            fallback: fallback.map(Cause::as_str),
-            shortened: None,
+            route_reason: run.route_reason,
+            fallback: run.fallback.map(Cause::as_str),
+            shortened: run.shortened,
             tx,
         };
         Ok((pump, cancel, job))
     }
 
-    /// Runs a cloud request that failed early on the local engine instead. Called from the cloud job, whose
-    /// sequence number and in-flight entry it takes over.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs a cloud request that failed early with `cause` on the local engine instead. Called from the cloud
+    /// job, whose sequence number and in-flight entry (`run.seq`) it takes over.
     fn fallback(
         self: &Arc<Self>,
-        seq: u64,
-        id: &Id,
-        stream: bool,
-        received: Instant,
-        route_reason: &'static str,
+        run: LocalRun,
         cause: Cause,
         fb: cloud::Fallback,
         tx: UnboundedSender<Reply>,
     ) -> Result<(), WireError> {
         self.admit_local()?;
-        let (pump, _cancel, job) = self.submit_local(
-            seq,
-            id,
-            stream,
-            received,
-            route_reason,
-            Some(cause),
-            fb.validated,
-            fb.opts,
-            tx,
-        )?;
+        let run = LocalRun {
+            fallback: Some(cause),
+            ..run
+        };
+        let (pump, _cancel, job) = self.submit_local(run, fb.validated, fb.opts, tx)?;
         {
             let mut c = self.counters.lock().unwrap();
             *c.fallbacks.entry(cause.as_str()).or_default() += 1;
