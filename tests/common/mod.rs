@@ -15,7 +15,7 @@ use serde_json::Value;
 
 /// A `bitnetd` command for the binary under test. When the tests themselves run under an emulator (`.ci/run`
 /// cross-tests aarch64 under qemu-user), `BITNETD_TEST_RUNNER` names it, so that the child runs the same way:
-/// `qemu-aarch64-static -L /usr/aarch64-linux-gnu`.
+/// `/path/to/.cargo/qemu-runner aarch64`.
 pub fn bitnetd() -> Command {
     let bin = env!("CARGO_BIN_EXE_bitnetd");
     match std::env::var("BITNETD_TEST_RUNNER") {
