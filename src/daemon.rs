@@ -15,8 +15,11 @@ use crate::dispatch::{CloudRoute, DispatchOptions, Dispatcher};
 use crate::engine::{Engine, EngineError, EngineOptions, LoadOptions, Model};
 use crate::governor::{self, policy::Limits, telemetry::Telemetry};
 use crate::mqtt::{Mqtt, MqttError};
+use crate::router;
 use crate::server::{self, ConnectionLimits, Listener, ServerError};
 use crate::systemd::{self, Notifier, START_EXTENSION};
+
+mod status;
 
 /// After the drain timeout cancels what is left, how long the cancelled requests get to send their replies.
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
@@ -101,7 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             stall_limit: config.engine.stall_limit,
             memory_budget: config.budget.memory_bytes,
             rss_before_model,
-            budget: Some(budget),
+            budget: Some(budget.clone()),
             kv: Some(KvModel::for_estimate(&estimate, meta.context_length)),
             cloud: cloud.clone(),
             hot_action: config.budget.hot_action,
@@ -142,12 +145,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         tracker.spawn(mqtt.run(stop_accepting.clone()));
         where_ = format!("{where_} and {broker}");
     }
-    let ready = format!("serving {} on {where_}", meta.name);
+    let serving = format!("serving {} on {where_}", meta.name);
     log::info!(model = meta.name.as_str(), socket = where_.as_str(); "ready");
-    notify.ready(&ready);
+    let link = cloud.as_ref().map(|c| c.link.subscribe());
+    let first = status::status_line(
+        &serving,
+        &budget.borrow(),
+        link.as_ref()
+            .map_or(router::CloudState::Disabled, |l| *l.borrow()),
+    );
+    notify.ready(&first);
+    let status_task = tokio::spawn(status::publish(serving, first, budget.clone(), link));
     let watchdog = tokio::spawn(watchdog(dispatcher.clone()));
 
     shutdown.cancelled().await;
+    status_task.abort();
+    let _ = status_task.await;
     let in_flight = dispatcher.in_flight();
     log::info!(in_flight; "shutting down");
     notify.stopping(&format!("draining {in_flight} request(s)"));

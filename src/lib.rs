@@ -9,7 +9,7 @@
 //! - [`engine`]: loading a model, sessions with their KV cache, sampling, chat templates, the engine thread.
 //! - [`default_model`]: where the shipped default model lives.
 //! - [`config`]: the TOML configuration, raw then validated.
-//! - [`daemon`]: `bitnetd run`, wiring everything below together under a shutdown token.
+//! - [`daemon`]: `bitnetd run`, wiring everything below together under a shutdown token; systemd's `STATUS=` line.
 //! - [`protocol`]: the JSON wire format and error codes shared by every source.
 //! - [`router`]: where a request runs, as a pure function (and the complexity heuristic it uses).
 //! - [`cloud`]: the Kimi client, its limits, and the connectivity monitor.

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::kimi::FakeKimi;
 use common::{Client, Daemon};
 
 /// Collects notify datagrams on a socket in `dir`; returns its path and the receiving end.
@@ -73,6 +74,9 @@ fn notifies_ready_after_the_socket_is_served_then_watchdog_then_stopping() {
         status.contains("serving bitnet-b1.58-wordnet-5m"),
         "{status}"
     );
+    // `systemctl status` also shows the board's state and the cloud link (no key here: off).
+    assert!(status.contains("; thermal Normal"), "{status}");
+    assert!(status.ends_with("; cloud off"), "{status}");
     // Pings every 150 ms while the engine is alive.
     for _ in 0..3 {
         wait_for(&rx, "WATCHDOG=1");
@@ -82,6 +86,47 @@ fn notifies_ready_after_the_socket_is_served_then_watchdog_then_stopping() {
     d.signal(libc::SIGTERM);
     wait_for(&rx, "STOPPING=1");
     assert!(d.wait().success(), "{}", d.log());
+}
+
+/// Waits for a `STATUS=` line ending with `suffix`.
+fn wait_for_status(rx: &mpsc::Receiver<String>, suffix: &str) -> String {
+    let deadline = Instant::now() + common::PATIENCE;
+    loop {
+        let (line, _) = wait_for(rx, "STATUS=");
+        if line.ends_with(suffix) {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no STATUS= ending {suffix:?}; last: {line}"
+        );
+    }
+}
+
+#[test]
+fn the_status_line_follows_the_cloud_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let (notify, rx) = notify_socket(dir.path());
+    let kimi = FakeKimi::start();
+    let config = format!(
+        "[cloud]\nbase_url = \"{}\"\nprobe_interval_secs = 1\nprobe_timeout_ms = 500\n",
+        kimi.base_url()
+    );
+    let mut d = Daemon::spawn(&config, |c| {
+        c.env("NOTIFY_SOCKET", &notify)
+            .env("KIMI_API_KEY", "sk-test");
+    });
+    wait_for(&rx, "READY=1");
+    let line = wait_for_status(&rx, "; cloud online");
+    assert!(
+        line.starts_with("STATUS=serving bitnet-b1.58-wordnet-5m"),
+        "{line}"
+    );
+    kimi.set_online(false);
+    wait_for_status(&rx, "; cloud offline");
+    kimi.set_online(true);
+    wait_for_status(&rx, "; cloud online");
+    d.terminate();
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The governor loop: samples the board every `[budget] sample_ms`, runs the policy, logs every transition,
-//! updates systemd's `STATUS=`, and publishes the result on a `watch` channel that the dispatcher and the status
-//! outputs read. It never sits in their code.
+//! and publishes the result on a `watch` channel that the dispatcher, `status` and systemd's `STATUS=` line
+//! (`daemon::status`) read. It never sits in their code.
 
 use std::time::Duration;
 
@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::policy::{directive, step, Directive, Limits, State};
 use super::telemetry::{Reading, Telemetry};
-use crate::systemd::Notifier;
 
 /// The governor's view, as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -87,7 +86,6 @@ pub fn spawn(
                     memory_pressure = next.state.memory_pressure, threads = next.directive.threads;
                     "governor: {}", next.summary()
                 );
-                Notifier.status(&next.summary());
             }
             tx.send_replace(next);
         }
