@@ -193,8 +193,9 @@ fn retries_stop_at_the_limit_and_at_the_deadline() {
         (Cause::ServerError, 4),
         "1 + max_retries"
     );
+    // The shortest first wait is half of retry_min (25 ms, full jitter): a 20 ms deadline rules every retry out.
     let mut req = ask("hi");
-    req.deadline = Some(Instant::now() + Duration::from_millis(30));
+    req.deadline = Some(Instant::now() + Duration::from_millis(20));
     let f = run(&cl, &req).1.unwrap_err();
     assert_eq!(f.attempts, 1, "no retry whose wait passes the deadline");
 }
