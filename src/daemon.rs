@@ -15,7 +15,6 @@ use crate::dispatch::{CloudRoute, DispatchOptions, Dispatcher};
 use crate::engine::{Engine, EngineError, EngineOptions, LoadOptions, Model};
 use crate::governor::{self, policy::Limits, telemetry::Telemetry};
 use crate::mqtt::{Mqtt, MqttError};
-use crate::router;
 use crate::server::{self, ConnectionLimits, Listener, ServerError};
 use crate::systemd::{self, Notifier, START_EXTENSION};
 
@@ -148,12 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let serving = format!("serving {} on {where_}", meta.name);
     log::info!(model = meta.name.as_str(), socket = where_.as_str(); "ready");
     let link = cloud.as_ref().map(|c| c.link.subscribe());
-    let first = status::status_line(
-        &serving,
-        &budget.borrow(),
-        link.as_ref()
-            .map_or(router::CloudState::Disabled, |l| *l.borrow()),
-    );
+    let first = status::current_line(&serving, &budget, link.as_ref());
     notify.ready(&first);
     let status_task = tokio::spawn(status::publish(serving, first, budget.clone(), link));
     let watchdog = tokio::spawn(watchdog(dispatcher.clone()));

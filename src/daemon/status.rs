@@ -18,6 +18,16 @@ pub fn status_line(serving: &str, board: &Budget, cloud: CloudState) -> String {
     format!("{serving}; {}; {cloud}", board.summary())
 }
 
+/// The status line for the channels' current values (no cloud route: `cloud off`).
+pub fn current_line(
+    serving: &str,
+    board: &watch::Receiver<Budget>,
+    cloud: Option<&watch::Receiver<CloudState>>,
+) -> String {
+    let link = cloud.map_or(CloudState::Disabled, |c| *c.borrow());
+    status_line(serving, &board.borrow(), link)
+}
+
 /// Sends the status line whenever its text changes from `sent` (the line that went with `READY=1`), until the
 /// governor's channel closes. The caller aborts this task (and awaits it) before it sends `STOPPING=1`, so no
 /// stale line follows that.
@@ -30,10 +40,7 @@ pub async fn publish(
     let notify = Notifier;
     let mut last = sent;
     loop {
-        let link = cloud
-            .as_mut()
-            .map_or(CloudState::Disabled, |c| *c.borrow_and_update());
-        let line = status_line(&serving, &board.borrow_and_update(), link);
+        let line = current_line(&serving, &board, cloud.as_ref());
         if line != last {
             notify.status(&line);
             last = line;
