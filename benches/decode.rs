@@ -166,7 +166,7 @@ fn main() {
         "kernel": m.kernel().map(|k| k.name()), "head": m.meta.architecture.head_format.to_string(),
         "weight_bytes_per_token": bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
         "bandwidth_ceiling_tokens_per_s": ceiling, "decode_over_ceiling": best_decode / ceiling,
-        "inplace_kv_layers": m.inplace_kv_layers(), "decode_step_ms_by_context": step_ms,
+        "attention_layers": m.summary().attention_layers, "decode_step_ms_by_context": step_ms,
     });
     println!("{out}");
     eprintln!(

@@ -1,30 +1,41 @@
 //! Memory accounting: the estimate of what a model needs before it is loaded, checked against the budget at
 //! start, and the process's resident size for `status`.
+//!
+//! Weights count as resident, mapped or not: every decode step reads all of them. The embedding table is the
+//! exception: it is memory-mapped, one row is read per token, and the engine hands the touched rows back after
+//! each request (`engine::weights`), so it counts as the rows one request can touch, per slot. KV memory is what
+//! the cache allocates (whole pages, in the configured format).
 
 use std::path::Path;
 
+use crate::engine::kv::{KvFormat, PAGE};
 use crate::meta::{ModelMeta, DATA_FILE, ONNX_FILE};
 
 /// Allowance for the runtime beyond weights and KV cache: tokenizer, tract's plan and scratch, the daemon.
 pub const RUNTIME_OVERHEAD_BYTES: u64 = 64 << 20;
 
+const PAGE_BYTES: u64 = 4096;
+
 /// What a model is expected to hold resident, by part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryEstimate {
-    /// Weights as stored (the ONNX graph and its external data).
+    /// Weights read by every forward pass (the ONNX graph and its external data, less a mapped embedding table).
     pub weights: u64,
-    /// KV cache of one slot at full context (f32 keys and values, every layer).
+    /// Resident rows of the mapped embedding table, per slot (one request's tokens at most).
+    pub embedding_per_slot: u64,
+    /// KV cache of one slot at full context.
     pub kv_per_slot: u64,
     pub slots: usize,
     pub overhead: u64,
 }
 
 impl MemoryEstimate {
-    /// Estimates the resident size of the model in `dir` with `slots` sessions.
+    /// Estimates the resident size of the model in `dir` with `slots` sessions and a `kv` cache.
     pub fn for_model(
         dir: &Path,
         meta: &ModelMeta,
         slots: usize,
+        kv: KvFormat,
     ) -> std::io::Result<MemoryEstimate> {
         let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len());
         let data = match size(DATA_FILE) {
@@ -33,17 +44,30 @@ impl MemoryEstimate {
             Err(e) => return Err(e),
         };
         let a = &meta.architecture;
-        let kv = 2 * a.layers * a.kv_heads * a.head_dim * meta.context_length * 4;
+        let table = crate::onnx::inspect::lookup_only_table_bytes(&dir.join(ONNX_FILE))?;
+        let row = if a.vocab_size > 0 {
+            table / a.vocab_size as u64
+        } else {
+            0
+        };
+        // A row that straddles pages touches one more; one request touches at most a context's worth.
+        let row_pages = row.div_ceil(PAGE_BYTES) + 1;
+        let embedding = (meta.context_length as u64 * row_pages * PAGE_BYTES).min(table);
+        let positions = meta.context_length.div_ceil(PAGE) * PAGE;
+        let kv_bytes = 2 * a.layers * a.kv_heads * a.head_dim * positions * kv.bytes();
         Ok(MemoryEstimate {
-            weights: size(ONNX_FILE)? + data,
-            kv_per_slot: kv as u64,
+            weights: (size(ONNX_FILE)? + data).saturating_sub(table),
+            embedding_per_slot: if table > 0 { embedding } else { 0 },
+            kv_per_slot: kv_bytes as u64,
             slots,
             overhead: RUNTIME_OVERHEAD_BYTES,
         })
     }
 
     pub fn total(&self) -> u64 {
-        self.weights + self.kv_per_slot * self.slots as u64 + self.overhead
+        self.weights
+            + (self.kv_per_slot + self.embedding_per_slot) * self.slots as u64
+            + self.overhead
     }
 
     /// `Ok` when the estimate fits `budget`, else a sentence with the numbers and what to change.
@@ -52,12 +76,14 @@ impl MemoryEstimate {
             return Ok(());
         }
         Err(format!(
-            "the model needs about {} ({} weights + {} slot(s) x {} KV cache + {} runtime) but the memory budget \
-             is {}: raise [budget] memory_bytes, use fewer [engine] slots, or use a smaller model",
+            "the model needs about {} ({} weights + {} slot(s) x ({} KV cache + {} embedding rows) + {} runtime) but \
+             the memory budget is {}: raise [budget] memory_bytes, use fewer [engine] slots, use [model] kv_cache = \
+             \"f16\", or use a smaller model",
             mib(self.total()),
             mib(self.weights),
             self.slots,
             mib(self.kv_per_slot),
+            mib(self.embedding_per_slot),
             mib(self.overhead),
             mib(budget)
         ))
@@ -82,7 +108,7 @@ pub struct KvModel {
 impl KvModel {
     pub fn for_estimate(e: &MemoryEstimate, context: usize) -> KvModel {
         KvModel {
-            base: e.weights + e.overhead,
+            base: e.weights + e.overhead + e.embedding_per_slot * e.slots as u64,
             per_token: e.kv_per_slot / context.max(1) as u64,
             slots: e.slots,
         }
@@ -117,6 +143,7 @@ mod tests {
     fn an_estimate_over_budget_says_what_to_change() {
         let e = MemoryEstimate {
             weights: 3 << 30,
+            embedding_per_slot: 0,
             kv_per_slot: 600 << 20,
             slots: 2,
             overhead: RUNTIME_OVERHEAD_BYTES,

@@ -12,7 +12,7 @@ use crate::cloud::{self, key, Connectivity, KimiClient};
 use crate::config::{Config, ConfigError};
 use crate::deferred::{DeferredQueue, Deliver, Forwarder};
 use crate::dispatch::{CloudRoute, DispatchOptions, Dispatcher};
-use crate::engine::{Engine, EngineError, EngineOptions, LoadOptions, Model};
+use crate::engine::{Engine, EngineError, EngineOptions, Model};
 use crate::governor::{self, policy::Limits, telemetry::Telemetry};
 use crate::mqtt::{Mqtt, MqttError};
 use crate::server::{self, ConnectionLimits, Listener, ServerError};
@@ -238,8 +238,8 @@ async fn load(
     notify: &Notifier,
     shutdown: &CancellationToken,
 ) -> Result<Option<Arc<Model>>, DaemonError> {
-    let (dir, threads) = (config.model.path.clone(), config.model.threads);
-    let mut task = tokio::task::spawn_blocking(move || Model::load(&dir, &LoadOptions { threads }));
+    let (dir, opts) = (config.model.path.clone(), config.model.load_options());
+    let mut task = tokio::task::spawn_blocking(move || Model::load(&dir, &opts));
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(START_EXTENSION / 3);
     loop {

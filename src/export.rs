@@ -268,10 +268,11 @@ fn model_card(m: &ModelMeta, from: &Path) -> String {
          | ternary weights | {storage}, per-tensor scale ({lc:?} convention) |\n\
          | output layer / embedding | {head} / {embedding} |\n\
          | tied embeddings | {tied} |\n\n\
-         ## Files\n\n- `model.onnx` + `model.onnx.data`: the network, ONNX opset {opset}: standard ops, plus the \
-         functions `ai.bitnetd.BitLinear` (2-bit packed ternary weights) and `ai.bitnetd.Int8Linear`, defined in the \
-         file in standard ops so any ONNX runtime can run it (bitnetd runs its own kernels instead). Linears run on \
-         per-token absmax int8 activations; attention is ONNX `Attention` with GQA and past/present KV tensors.\n- `tokenizer.json`: the checkpoint's tokenizer.\n- `bitnetd.json`: special tokens, context length, \
+         ## Files\n\n- `model.onnx` + `model.onnx.data`: the network, ONNX opset {opset}, in the `ai.bitnetd` ops \
+         (fused linears on 2-bit packed ternary weights: RMSNorm, per-token absmax int8 activations, product, scales, \
+         GLU and residual in one op; `KvAttention` with RoPE, GQA and past/present KV tensors; `Embedding`), each \
+         defined in the file as a function in standard ops so any ONNX runtime can run it (bitnetd runs its own \
+         kernels instead).\n- `tokenizer.json`: the checkpoint's tokenizer.\n- `bitnetd.json`: special tokens, context length, \
          chat template.\n\n## Inputs and outputs\n\n`input_ids`, `attention_mask` (`[1, past + seq]`), `position_ids`, \
          `past_key_values.N.key|value` (`[1, {kv}, past, {hd}]`) in; `logits` (`[1, 1, {vocab}]`, last position) and \
          `present.N.key|value` out. Batch 1.\n\nThe license of the weights is the license of the source checkpoint.\n",

@@ -47,3 +47,4 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod systemd;
+pub mod team;

@@ -16,7 +16,8 @@ pub const DATA_FILE: &str = "model.onnx.data";
 /// File name of the tokenizer inside a model directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The metadata format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the fused `ai.bitnetd` ops (version 1 used standard ops around `BitLinear`).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The shape of the exported network.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -35,8 +36,7 @@ pub struct ArchitectureMeta {
     pub tied_embeddings: bool,
     /// The `quantization_config.linear_class` convention the scales were read with.
     pub linear_class: LinearClass,
-    /// How ternary weights are stored in the ONNX file: `2bit` (`ai.bitnetd.BitLinear`, packed as in
-    /// `kernels::pack`) or `int8` (standard `MatMulInteger`, exports before 2-bit packing; still loadable).
+    /// How ternary weights are stored in the ONNX file: `2bit` (packed as in `kernels::pack`).
     pub ternary_storage: String,
     /// How the output layer is stored.
     #[serde(default)]

@@ -84,7 +84,14 @@ fn english_share(text: &str, dict: &HashSet<String>) -> f32 {
 
 #[test]
 fn default_model_writes_short_english() {
-    let model = Model::load(&root().join("models/default"), &LoadOptions { threads: 2 }).unwrap();
+    let model = Model::load(
+        &root().join("models/default"),
+        &LoadOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let dict = words();
     let chat = |q: &str| {
         Prompt::Chat(vec![Message {

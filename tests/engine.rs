@@ -16,7 +16,14 @@ fn fixture_model() -> (tempfile::TempDir, Arc<Model>) {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/gqa-autobitlinear");
     let out = tempfile::tempdir().unwrap();
     bitnetd::export::export(&src, out.path(), &Default::default(), &mut |_| {}).unwrap();
-    let model = Model::load(out.path(), &LoadOptions { threads: 2 }).unwrap();
+    let model = Model::load(
+        out.path(),
+        &LoadOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     (out, model)
 }
 

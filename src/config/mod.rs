@@ -47,6 +47,19 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// At least 1.
     pub threads: usize,
+    pub kv_cache: crate::engine::KvFormat,
+    pub weights: crate::engine::WeightResidency,
+}
+
+impl ModelConfig {
+    /// How the engine should load the model.
+    pub fn load_options(&self) -> crate::engine::LoadOptions {
+        crate::engine::LoadOptions {
+            threads: self.threads,
+            kv_format: self.kv_cache,
+            residency: self.weights,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -355,8 +368,9 @@ impl Config {
         let dir = &self.model.path;
         let meta = ModelMeta::read(dir)
             .map_err(|e| self.invalid("model.path", format!("{}: {e}", dir.display())))?;
-        let estimate = MemoryEstimate::for_model(dir, &meta, self.engine.slots)
-            .map_err(|e| self.invalid("model.path", format!("{}: {e}", dir.display())))?;
+        let estimate =
+            MemoryEstimate::for_model(dir, &meta, self.engine.slots, self.model.kv_cache)
+                .map_err(|e| self.invalid("model.path", format!("{}: {e}", dir.display())))?;
         estimate
             .check(self.budget.memory_bytes)
             .map_err(|m| self.invalid("budget.memory_bytes", m))?;
@@ -552,6 +566,8 @@ fn validate(
         model: ModelConfig {
             path: model_path,
             threads,
+            kv_cache: raw.model.kv_cache,
+            weights: raw.model.weights,
         },
         engine,
         socket,

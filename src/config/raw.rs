@@ -27,8 +27,12 @@ pub struct RawConfig {
 pub struct RawModel {
     /// Model directory; `None` means `$BITNETD_MODEL`, else the shipped default model.
     pub path: Option<PathBuf>,
-    /// Threads for matrix products; `None` means every core. 0 is an error.
+    /// Threads of a forward pass; `None` means every core. 0 is an error.
     pub threads: Option<usize>,
+    /// How the KV cache stores keys and values.
+    pub kv_cache: crate::engine::KvFormat,
+    /// How the products' weights are held: read into memory, or mapped from the data file.
+    pub weights: crate::engine::WeightResidency,
 }
 
 /// `[engine]`: slots, queue and request defaults.

@@ -1,30 +1,38 @@
 //! A loaded model: the optimized tract plan, the tokenizer and the metadata, immutable and shared as
-//! `Arc<Model>` by every session (only the thread count in use may change, see [`Model::set_threads`]).
+//! `Arc<Model>` by every session, with the worker team its forward passes run on (only the thread count in use
+//! may change, see [`Model::set_threads`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokenizers::Tokenizer;
-use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
-use tract_onnx::tract_core::transform::get_transform;
-use tract_transformers::ops::inplace_kv_cache::InPlaceKvSdpa;
 
 use super::chat::{ChatTemplate, Message};
-use super::linear_op::PackedLinear;
+use super::kv::{KvFormat, KvShape};
+use super::ops::attention::KvAttention;
+use super::ops::embedding::Lookup;
+use super::ops::linear::FusedLinear;
+use super::prepare::{self, PrepareOptions};
 use super::request::{GenerateParams, Prompt, ValidatedRequest};
 use super::session::Session;
+use super::weights::{WeightResidency, Weights};
 use super::EngineError;
 use crate::kernels::Kernel;
 use crate::meta::{ModelMeta, ONNX_FILE, TOKENIZER_FILE};
+use crate::team::Team;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Threads for tract's matrix products (1 runs on the calling thread).
+    /// Threads of a forward pass (1 runs it on the calling thread alone).
     pub threads: usize,
+    /// How the KV cache stores keys and values.
+    pub kv_format: KvFormat,
+    /// How the products' weights are held (the embedding table is always mapped).
+    pub residency: WeightResidency,
 }
 
 impl Default for LoadOptions {
@@ -33,15 +41,36 @@ impl Default for LoadOptions {
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            kv_format: KvFormat::default(),
+            residency: WeightResidency::default(),
         }
     }
 }
 
-/// The graph inputs left after tract folds the KV cache into its own state, in plan order.
+/// The graph inputs left after the KV cache became op state, in plan order.
 pub(crate) struct InputSlots {
     pub input_ids: usize,
     pub attention_mask: usize,
     pub position_ids: usize,
+}
+
+/// What the loaded plan is made of, for `status`, logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanSummary {
+    /// `KvAttention` layers (each holding its own KV cache).
+    pub attention_layers: usize,
+    /// Fused linears (`{Bit,Int8,F32}Linear*` ops).
+    pub linears: usize,
+    /// Of those, on int8 or 2-bit packed weights.
+    pub packed_linears: usize,
+    /// The kernel of the packed products.
+    pub kernel: Option<Kernel>,
+    pub kv: KvShape,
+    /// Bytes of weights a forward pass reads once per token (the products), and whether they are mapped.
+    pub product_bytes: u64,
+    pub products_mapped: bool,
+    /// Bytes of the embedding table (mapped; a row per token is read).
+    pub embedding_bytes: u64,
 }
 
 /// An exported model, loaded and optimized once.
@@ -52,15 +81,15 @@ pub struct Model {
     pub(crate) plan: Arc<TypedSimplePlan>,
     pub(crate) slots: InputSlots,
     chat: Option<ChatTemplate>,
-    inplace_kv_layers: usize,
-    kernel: Option<Kernel>,
-    packed_linear_ops: usize,
-    /// Threads in use now (one of `executors`).
+    summary: PlanSummary,
+    embedding: Option<Arc<Weights>>,
+    /// The forward passes' helpers (`threads - 1` of them).
+    pub(crate) team: Arc<Team>,
+    /// Threads in use now.
     threads: AtomicUsize,
+    max_threads: usize,
     /// Prompt tokens per prefill step (the governor lowers it when the board runs warm).
     prefill_chunk: AtomicUsize,
-    /// (threads, executor), the configured count first.
-    executors: Vec<(usize, Executor)>,
 }
 
 impl Model {
@@ -85,48 +114,47 @@ impl Model {
             None => None,
         };
         let mut onnx = tract_onnx::onnx();
-        super::linear_op::register(&mut onnx.op_register);
-        let mut typed = onnx
-            .model_for_path(dir.join(ONNX_FILE))
-            .and_then(|m| m.into_typed())
-            .and_then(|m| m.into_decluttered())
+        super::ops::register(&mut onnx.op_register);
+        let mut proto = onnx
+            .proto_model_for_path(dir.join(ONNX_FILE))
             .map_err(|e| err(format!("{e:#}")))?;
-        let detect = get_transform("transformers_detect_all")
-            .map_err(|e| err(format!("{e:#}")))?
-            .ok_or_else(|| err("tract-transformers is not linked".into()))?;
-        detect
-            .transform(&mut typed)
-            .map_err(|e| err(format!("KV cache detection: {e:#}")))?;
-        typed
-            .optimize()
-            .map_err(|e| err(format!("optimizing: {e:#}")))?;
-        let inplace_kv_layers = typed
+        prepare::prepare(
+            &mut proto,
+            PrepareOptions {
+                kv_format: opts.kv_format,
+                residency: opts.residency,
+            },
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let dir_str = dir
+            .to_str()
+            .ok_or_else(|| err("the path is not UTF-8".into()))?;
+        let parsed = onnx
+            .parse(&proto, Some(dir_str))
+            .map_err(|e| err(format!("{e:#}")))?;
+        drop(proto);
+        let typed = parsed
+            .model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .and_then(|m| m.into_optimized())
+            .map_err(|e| err(format!("{e:#}")))?;
+        let summary = summarize(&typed).map_err(err)?;
+        let embedding = typed
             .nodes()
             .iter()
-            .filter(|n| n.op_is::<InPlaceKvSdpa>())
-            .count();
-        let packed_linears: Vec<&PackedLinear> = typed
-            .nodes()
-            .iter()
-            .filter_map(|n| n.op_as::<PackedLinear>())
-            .collect();
-        let kernel = packed_linears.first().map(|op| op.kernel());
-        let packed_linear_ops = packed_linears.len();
+            .find_map(|n| n.op_as::<Lookup>())
+            .map(|l| l.weights().clone());
         let slots = input_slots(&typed).map_err(err)?;
-        // The plan has no executor of its own: each run picks one of these (see `Model::executor`), so that the
-        // governor can lower the thread count while the model stays loaded.
-        let mut executors = vec![(opts.threads, executor(opts.threads))];
-        if opts.threads > 1 {
-            let half = opts.threads / 2;
-            executors.push((half, executor(half)));
-        }
         let plan = typed
             .into_runnable_with_options(&RunOptions::default())
             .map_err(|e| err(format!("{e:#}")))?;
+        let team = Team::new(opts.threads - 1, "bitnetd-team")
+            .map_err(|e| err(format!("starting the worker team: {e}")))?;
         log::info!(
             model = meta.name.as_str(), layers = meta.architecture.layers, threads = opts.threads,
-            inplace_kv = inplace_kv_layers, packed_linear_ops = packed_linear_ops,
-            kernel = kernel.map_or("none (int8 export)", Kernel::name); "model loaded"
+            kernel = summary.kernel.map_or("none", Kernel::name), kv = summary.kv.format.name(),
+            weights_mib = summary.product_bytes >> 20, mapped = summary.products_mapped; "model loaded"
         );
         Ok(Arc::new(Model {
             meta,
@@ -135,12 +163,12 @@ impl Model {
             plan,
             slots,
             chat,
-            inplace_kv_layers,
-            kernel,
-            packed_linear_ops,
+            summary,
+            embedding,
+            team: Arc::new(team),
             threads: AtomicUsize::new(opts.threads),
+            max_threads: opts.threads,
             prefill_chunk: AtomicUsize::new(super::PREFILL_CHUNK),
-            executors,
         }))
     }
 
@@ -149,23 +177,22 @@ impl Model {
         Session::new(self.clone())
     }
 
-    /// How many attention layers run tract's fused in-place KV cache (`InPlaceKvSdpa`); equal to the layer count
-    /// when decode cost grows linearly with the context.
-    pub fn inplace_kv_layers(&self) -> usize {
-        self.inplace_kv_layers
+    /// What the plan is made of.
+    pub fn summary(&self) -> PlanSummary {
+        self.summary
     }
 
-    /// The kernel running the packed products (`None` for models exported before 2-bit packing).
+    /// The kernel running the packed products.
     pub fn kernel(&self) -> Option<Kernel> {
-        self.kernel
+        self.summary.kernel
     }
 
-    /// How many products run on packed weights (`BitLinear` and `Int8Linear`).
-    pub fn packed_linear_ops(&self) -> usize {
-        self.packed_linear_ops
+    /// Bytes of KV cache per token of one sequence, every layer.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (self.summary.kv.bytes_per_position() * self.summary.attention_layers) as u64
     }
 
-    /// Threads used for matrix products.
+    /// Threads used by a forward pass.
     pub fn threads(&self) -> usize {
         self.threads.load(Ordering::Relaxed)
     }
@@ -182,32 +209,25 @@ impl Model {
             .store(n.clamp(1, super::PREFILL_CHUNK), Ordering::Relaxed);
     }
 
-    /// The most threads loaded for this model (what [`LoadOptions`] asked for).
+    /// The most threads a forward pass may use (what [`LoadOptions`] asked for).
     pub fn max_threads(&self) -> usize {
-        self.executors[0].0
+        self.max_threads
     }
 
-    /// Uses the largest prepared thread count not above `n` (at least the smallest) from the next forward pass
-    /// on; returns the count now in use.
+    /// Uses `n` threads (clamped to 1..=[`Model::max_threads`]) from the next forward pass on; returns the count
+    /// now in use.
     pub fn set_threads(&self, n: usize) -> usize {
-        let chosen = self
-            .executors
-            .iter()
-            .map(|(t, _)| *t)
-            .filter(|&t| t <= n)
-            .max()
-            .unwrap_or_else(|| self.executors.iter().map(|(t, _)| *t).min().unwrap_or(1));
-        self.threads.store(chosen, Ordering::Relaxed);
-        chosen
+        let n = n.clamp(1, self.max_threads);
+        self.threads.store(n, Ordering::Relaxed);
+        n
     }
 
-    /// The executor for the current thread count.
-    pub(crate) fn executor(&self) -> Executor {
-        let n = self.threads();
-        self.executors
-            .iter()
-            .find(|(t, _)| *t == n)
-            .map_or(Executor::SingleThread, |(_, e)| e.clone())
+    /// Hands the embedding rows read so far back to the page cache (see [`Weights::release`]); the engine calls
+    /// it after each request so that the table's resident size stays that of one request.
+    pub fn release_cold_pages(&self) {
+        if let Some(e) = &self.embedding {
+            e.release();
+        }
     }
 
     /// Tokenizes text. `special` adds the tokenizer's special tokens (BOS), as transformers' `tokenizer(text)`.
@@ -270,13 +290,40 @@ impl Model {
     }
 }
 
-/// One thread runs on the calling thread: tract's `multithread(1)` would use rayon's global pool.
-fn executor(threads: usize) -> Executor {
-    if threads <= 1 {
-        Executor::SingleThread
-    } else {
-        Executor::multithread_with_name(threads, &format!("bitnetd-mm{threads}"))
-    }
+fn summarize(model: &TypedModel) -> Result<PlanSummary, String> {
+    let linears: Vec<&FusedLinear> = model
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<FusedLinear>())
+        .collect();
+    let attention: Vec<&KvAttention> = model
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<KvAttention>())
+        .collect();
+    let kv = attention
+        .first()
+        .map(|a| a.shape())
+        .ok_or("the plan has no attention layers")?;
+    let packed: Vec<&&FusedLinear> = linears
+        .iter()
+        .filter(|l| l.spec().weights != super::ops::WeightFormat::F32)
+        .collect();
+    Ok(PlanSummary {
+        attention_layers: attention.len(),
+        linears: linears.len(),
+        packed_linears: packed.len(),
+        kernel: packed.first().map(|l| l.kernel()),
+        kv,
+        product_bytes: linears.iter().map(|l| l.weight_bytes() as u64).sum(),
+        products_mapped: linears.iter().all(|l| l.is_mapped()),
+        embedding_bytes: model
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<Lookup>())
+            .map(|l| l.weights().bytes().len() as u64)
+            .sum(),
+    })
 }
 
 fn input_slots(model: &TypedModel) -> Result<InputSlots, String> {
@@ -293,7 +340,9 @@ fn input_slots(model: &TypedModel) -> Result<InputSlots, String> {
             .ok_or_else(|| format!("graph has no input {n:?}"))
     };
     if names.len() != 3 || model.output_outlets().map_err(|e| e.to_string())?.len() != 1 {
-        return Err(format!("the KV cache was not folded into tract state (inputs left: {names:?}); re-export the model"));
+        return Err(format!(
+            "the plan should have three inputs and one output (inputs: {names:?})"
+        ));
     }
     Ok(InputSlots {
         input_ids: find("input_ids")?,

@@ -1,5 +1,5 @@
-//! A session: one sequence with its own KV cache (held in tract's op state), prefilled in chunks and decoded
-//! one token at a time.
+//! A session: one sequence with its own KV cache (held in the attention ops' state), prefilled in chunks and
+//! decoded one token at a time, each forward pass on the model's worker team.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -153,10 +153,9 @@ impl Session {
         inputs[slots.attention_mask] = t(&[1, total], vec![1; total])?.into();
         inputs[slots.position_ids] = t(&[1, n], (self.past as i64..total as i64).collect())?.into();
         let state = &mut self.state;
-        let out = tract_linalg::multithread::multithread_tract_scope(self.model.executor(), || {
-            state.run(inputs)
-        })
-        .map_err(EngineError::inference)?;
+        let helpers = self.model.threads() - 1;
+        let out = crate::team::scope(&self.model.team, helpers, || state.run(inputs))
+            .map_err(EngineError::inference)?;
         self.past = total;
         let logits = out[0]
             .to_plain_array_view::<f32>()

@@ -1,19 +1,45 @@
-//! Whole matrix products: activations `[m, k]` (int8) times weights `[n, k]` (rows = output features) into `[m, n]`
-//! (int32), output rows split across tract's current executor.
+//! Products of a range of weight rows against a few activation rows, on one thread: what one chunk of a fused
+//! linear computes (the parallel split is the caller's, see `crate::team`).
+//!
+//! Weight rows are visited in panels: for several activation rows (prefill), each panel is read from memory once
+//! and from cache for every further tile of [`M_TILE`] activation rows, and each unpacked block serves the whole
+//! tile.
 
-use rayon::prelude::*;
-use tract_linalg::multithread::{current_tract_executor, Executor};
+use std::ops::Range;
 
 use super::pack::{TernaryWeights, BLOCK};
 use super::{Kernel, M_TILE};
 
-/// Weight rows handed to one task at least (below this, splitting costs more than it saves).
-const MIN_ROWS_PER_TASK: usize = 32;
-/// Weight rows visited together for every activation tile, so that for prefill they are read from cache, not
-/// memory, for all but the first tile (64 rows of K = 6912 are 110 KiB packed).
+/// Runs `$call` (an expression over `$x`, an array of activation rows) on the tile `$t` as a fixed-size array,
+/// so that each tile size is its own monomorphized kernel, and stores the results in `$out`.
+macro_rules! tiled {
+    ($t:expr, $out:expr, |$x:ident| $call:expr) => {{
+        let t = $t;
+        match t.len() {
+            1 => {
+                let $x = [t[0]];
+                $out[..1].copy_from_slice(&$call);
+            }
+            2 => {
+                let $x = [t[0], t[1]];
+                $out[..2].copy_from_slice(&$call);
+            }
+            3 => {
+                let $x = [t[0], t[1], t[2]];
+                $out[..3].copy_from_slice(&$call);
+            }
+            _ => {
+                let $x = [t[0], t[1], t[2], t[3]];
+                $out[..4].copy_from_slice(&$call);
+            }
+        }
+    }};
+}
+
+/// Weight rows visited together for every activation tile (64 rows of K = 6912 are 110 KiB packed).
 const ROW_PANEL: usize = 64;
 
-/// Errors of [`ternary_matmul`] and [`int8_matmul`]: shapes that do not agree, or a kernel this CPU lacks.
+/// Errors of the whole-matrix products: shapes that do not agree, or a kernel this CPU lacks.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MatmulError {
     #[error("activations have {len} values, not {m} rows of {k}")]
@@ -26,7 +52,137 @@ pub enum MatmulError {
     Unsupported(&'static str),
 }
 
-/// `out[m, n] = Σ_k x[m, k] · w[n, k]` for packed ternary `w`; `x` is `m` rows of `w.cols()` values.
+/// `put(row, i, Σ_k w[row, k] · xs[i][k])` for every row in `rows` and every activation row `i`. Each `xs[i]` is
+/// padded with zeros to `w.blocks() * BLOCK` values and `xsum[i]` is its sum.
+///
+/// Panics if the kernel is not supported by this CPU or a slice is too short.
+#[inline]
+pub fn ternary_rows(
+    kernel: Kernel,
+    w: TernaryWeights<'_>,
+    rows: Range<usize>,
+    xs: &[&[i8]],
+    xsum: &[i32],
+    put: impl FnMut(usize, usize, i32),
+) {
+    assert!(
+        kernel.is_supported(),
+        "kernel {kernel} is not supported by this CPU"
+    );
+    assert!(rows.end <= w.rows() && xsum.len() == xs.len());
+    let blocks = w.blocks();
+    assert!(xs.iter().all(|x| x.len() >= blocks * BLOCK));
+    let dot = |row: usize, t: &[&[i8]], i0: usize, out: &mut [i32; M_TILE]| {
+        let wr = w.row(row);
+        // SAFETY: the kernel is supported and the slices are long enough (asserted above).
+        tiled!(t, out, |x| unsafe { kernel.ternary_dot(wr, x, blocks) });
+        for (i, v) in out.iter_mut().enumerate().take(t.len()) {
+            *v -= xsum[i0 + i];
+        }
+    };
+    panels(rows, xs, dot, put);
+}
+
+/// `put(row, i, Σ_k w[row, k] · xs[i][k])` for int8 weights of `k` columns.
+///
+/// Panics if the kernel is not supported by this CPU or a slice is too short.
+#[inline]
+pub fn int8_rows(
+    kernel: Kernel,
+    w: &[i8],
+    k: usize,
+    rows: Range<usize>,
+    xs: &[&[i8]],
+    put: impl FnMut(usize, usize, i32),
+) {
+    assert!(
+        kernel.is_supported(),
+        "kernel {kernel} is not supported by this CPU"
+    );
+    assert!(rows.end * k <= w.len() && xs.iter().all(|x| x.len() >= k));
+    let dot = |row: usize, t: &[&[i8]], _: usize, out: &mut [i32; M_TILE]| {
+        let wr = &w[row * k..(row + 1) * k];
+        // SAFETY: the kernel is supported; every tile row is cut to `k` values.
+        tiled!(t, out, |x| unsafe {
+            kernel.int8_dot(wr, x.map(|x| &x[..k]))
+        });
+    };
+    panels(rows, xs, dot, put);
+}
+
+/// `put(row, i, Σ_k w[row, k] · xs[i][k])` for f32 weights of `k` columns.
+pub fn f32_rows(
+    w: &[f32],
+    k: usize,
+    rows: Range<usize>,
+    xs: &[&[f32]],
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    assert!(rows.end * k <= w.len() && xs.iter().all(|x| x.len() == k));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: features detected.
+        return unsafe { f32_rows_avx2(w, k, rows, xs, &mut put) };
+    }
+    f32_rows_body(w, k, rows, xs, &mut put)
+}
+
+/// # Safety
+/// AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn f32_rows_avx2(
+    w: &[f32],
+    k: usize,
+    rows: Range<usize>,
+    xs: &[&[f32]],
+    put: &mut dyn FnMut(usize, usize, f32),
+) {
+    f32_rows_body(w, k, rows, xs, put)
+}
+
+#[inline(always)]
+fn f32_rows_body(
+    w: &[f32],
+    k: usize,
+    rows: Range<usize>,
+    xs: &[&[f32]],
+    put: &mut dyn FnMut(usize, usize, f32),
+) {
+    for row in rows {
+        let wr = &w[row * k..(row + 1) * k];
+        for (i, x) in xs.iter().enumerate() {
+            put(row, i, super::attention::dot(wr, x));
+        }
+    }
+}
+
+/// Visits `rows` in panels, and inside each panel every tile of `M_TILE` activation rows.
+#[inline(always)]
+fn panels(
+    rows: Range<usize>,
+    xs: &[&[i8]],
+    mut dot: impl FnMut(usize, &[&[i8]], usize, &mut [i32; M_TILE]),
+    mut put: impl FnMut(usize, usize, i32),
+) {
+    let m = xs.len();
+    let mut vals = [0i32; M_TILE];
+    for panel in rows.clone().step_by(ROW_PANEL) {
+        let panel_end = (panel + ROW_PANEL).min(rows.end);
+        for m0 in (0..m).step_by(M_TILE) {
+            let t = &xs[m0..(m0 + M_TILE).min(m)];
+            for row in panel..panel_end {
+                dot(row, t, m0, &mut vals);
+                for (i, &v) in vals.iter().enumerate().take(t.len()) {
+                    put(row, m0 + i, v);
+                }
+            }
+        }
+    }
+}
+
+/// `out[m, n] = Σ_k x[m, k] · w[n, k]` for packed ternary `w`; `x` is `m` rows of `w.cols()` values. One thread;
+/// for tests and benchmarks (the engine splits rows across its team).
 pub fn ternary_matmul(
     kernel: Kernel,
     w: TernaryWeights<'_>,
@@ -37,7 +193,6 @@ pub fn ternary_matmul(
     let (n, k) = (w.rows(), w.cols());
     check(kernel, x.len(), m, k, out.len(), n)?;
     let padded = w.blocks() * BLOCK;
-    // The kernels read whole blocks: give them zero-padded rows, and the row sums that turn codes into weights.
     let mut xp = vec![0i8; m * padded];
     let mut xsum = vec![0i32; m];
     for r in 0..m {
@@ -46,17 +201,14 @@ pub fn ternary_matmul(
         xsum[r] = src.iter().map(|&v| v as i32).sum();
     }
     let rows: Vec<&[i8]> = xp.chunks(padded.max(1)).take(m).collect();
-    let dot = TernaryRows {
-        kernel,
-        w,
-        blocks: w.blocks(),
-        xsum: &xsum,
-    };
-    run(&dot, n, &rows, out);
+    ternary_rows(kernel, w, 0..n, &rows, &xsum, |row, i, v| {
+        out[i * n + row] = v
+    });
     Ok(())
 }
 
-/// `out[m, n] = Σ_k x[m, k] · w[n, k]` for int8 `w` of `n` rows of `k` values.
+/// `out[m, n] = Σ_k x[m, k] · w[n, k]` for int8 `w` of `n` rows of `k` values. One thread, as
+/// [`ternary_matmul`].
 pub fn int8_matmul(
     kernel: Kernel,
     w: &[i8],
@@ -71,7 +223,7 @@ pub fn int8_matmul(
     }
     check(kernel, x.len(), m, k, out.len(), n)?;
     let rows: Vec<&[i8]> = (0..m).map(|r| &x[r * k..(r + 1) * k]).collect();
-    run(&Int8Rows { kernel, w, k }, n, &rows, out);
+    int8_rows(kernel, w, k, 0..n, &rows, |row, i, v| out[i * n + row] = v);
     Ok(())
 }
 
@@ -93,130 +245,4 @@ fn check(
         return Err(MatmulError::Output { len: out, m, n });
     }
     Ok(())
-}
-
-/// One weight row against a tile of activation rows.
-trait RowDot: Sync {
-    fn dot<const M: usize>(&self, row: usize, xs: [&[i8]; M]) -> [i32; M];
-}
-
-/// Invariant: `kernel.is_supported()` (checked by `check` before construction).
-struct TernaryRows<'a> {
-    kernel: Kernel,
-    w: TernaryWeights<'a>,
-    blocks: usize,
-    xsum: &'a [i32],
-}
-
-impl RowDot for TernaryRows<'_> {
-    fn dot<const M: usize>(&self, row: usize, xs: [&[i8]; M]) -> [i32; M] {
-        // SAFETY: the kernel is supported (struct invariant).
-        unsafe { self.kernel.ternary_dot(self.w.row(row), xs, self.blocks) }
-    }
-}
-
-/// Invariant: `kernel.is_supported()` (checked by `check` before construction).
-struct Int8Rows<'a> {
-    kernel: Kernel,
-    w: &'a [i8],
-    k: usize,
-}
-
-impl RowDot for Int8Rows<'_> {
-    fn dot<const M: usize>(&self, row: usize, xs: [&[i8]; M]) -> [i32; M] {
-        // SAFETY: the kernel is supported (struct invariant).
-        unsafe {
-            self.kernel
-                .int8_dot(&self.w[row * self.k..(row + 1) * self.k], xs)
-        }
-    }
-}
-
-/// Ternary products need `- sum(x)` per activation row; int8 products are final.
-trait Finish {
-    fn finish(&self, _m: usize, v: i32) -> i32 {
-        v
-    }
-}
-
-impl Finish for TernaryRows<'_> {
-    fn finish(&self, m: usize, v: i32) -> i32 {
-        v - self.xsum[m]
-    }
-}
-
-impl Finish for Int8Rows<'_> {}
-
-/// Computes all `n` output features for every activation row in `xs`, into `out` (`[xs.len(), n]`).
-fn run<D: RowDot + Finish>(dot: &D, n: usize, xs: &[&[i8]], out: &mut [i32]) {
-    let m = xs.len();
-    if n == 0 || m == 0 {
-        return;
-    }
-    let executor = current_tract_executor();
-    let threads = match &executor {
-        Executor::SingleThread => 1,
-        Executor::MultiThread(pool) => pool.current_num_threads(),
-        Executor::RayonGlobal => rayon::current_num_threads(),
-    };
-    // Two tasks per thread even out uneven cores (a Pi's cores throttle separately).
-    let per_task = n.div_ceil(threads * 2).max(MIN_ROWS_PER_TASK);
-    // Results are computed row-major by weight row (`[n, m]`), so each task writes one contiguous range, then
-    // transposed; for decode (`m == 1`) that is the output itself.
-    let mut by_row = if m == 1 {
-        Vec::new()
-    } else {
-        vec![0i32; n * m]
-    };
-    let target: &mut [i32] = if m == 1 { &mut *out } else { &mut by_row };
-    let task = |(t, chunk): (usize, &mut [i32])| {
-        let first = t * per_task;
-        compute(dot, first, chunk.len() / m, xs, chunk)
-    };
-    if threads == 1 || n <= per_task {
-        target.chunks_mut(per_task * m).enumerate().for_each(task);
-    } else {
-        let mut par = || {
-            target
-                .par_chunks_mut(per_task * m)
-                .enumerate()
-                .for_each(task)
-        };
-        match &executor {
-            Executor::MultiThread(pool) => pool.install(par),
-            _ => par(),
-        }
-    }
-    if m > 1 {
-        for (r, vals) in by_row.chunks(m).enumerate() {
-            for (i, &v) in vals.iter().enumerate() {
-                out[i * n + r] = v;
-            }
-        }
-    }
-}
-
-/// Weight rows `first..first + count`, every activation row, into `dst` (`[count, m]`).
-fn compute<D: RowDot + Finish>(dot: &D, first: usize, count: usize, xs: &[&[i8]], dst: &mut [i32]) {
-    let m = xs.len();
-    for panel in (0..count).step_by(ROW_PANEL) {
-        let panel_end = (panel + ROW_PANEL).min(count);
-        for m0 in (0..m).step_by(M_TILE) {
-            let t = &xs[m0..(m0 + M_TILE).min(m)];
-            for r in panel..panel_end {
-                let row = first + r;
-                let put = |dst: &mut [i32], vals: &[i32]| {
-                    for (i, &v) in vals.iter().enumerate() {
-                        dst[r * m + m0 + i] = dot.finish(m0 + i, v);
-                    }
-                };
-                match t.len() {
-                    1 => put(dst, &dot.dot(row, [t[0]])),
-                    2 => put(dst, &dot.dot(row, [t[0], t[1]])),
-                    3 => put(dst, &dot.dot(row, [t[0], t[1], t[2]])),
-                    _ => put(dst, &dot.dot(row, [t[0], t[1], t[2], t[3]])),
-                }
-            }
-        }
-    }
 }

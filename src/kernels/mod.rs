@@ -11,10 +11,16 @@
 //!   It never executes `sdot`, which raises SIGILL there;
 //! - [`Kernel::NeonDot`]: aarch64 with `dotprod` (Pi 5, Cortex-A76): `sdot`.
 //!
-//! [`Kernel::detect`] picks the best one at run time. [`matmul`] splits output rows across tract's current
-//! executor (the configured threads) and, for several activation rows (prefill), reuses each unpacked weight block
-//! for up to [`M_TILE`] of them.
+//! [`Kernel::detect`] picks the best one at run time. [`ternary_rows`] and [`int8_rows`] compute a range of
+//! output rows on the calling thread (the engine's ops split the rows across their team) and, for several
+//! activation rows (prefill), reuse each unpacked weight block for up to [`M_TILE`] of them.
+//!
+//! Beside the products: [`act`] (RMSNorm and per-token int8 quantization, the linears' prologue), [`attention`]
+//! (online softmax over blocks of keys), [`f16`] (the KV cache's conversions).
 
+pub mod act;
+pub mod attention;
+pub mod f16;
 mod matmul;
 pub mod pack;
 mod scalar;
@@ -27,7 +33,7 @@ mod x86;
 #[cfg(test)]
 mod tests;
 
-pub use matmul::{int8_matmul, ternary_matmul, MatmulError};
+pub use matmul::{f32_rows, int8_matmul, int8_rows, ternary_matmul, ternary_rows, MatmulError};
 pub use pack::{PackError, TernaryWeights, BLOCK, BLOCK_BYTES};
 
 /// Activation rows computed together against one pass over a weight row.

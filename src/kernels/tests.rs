@@ -3,7 +3,6 @@
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tract_linalg::multithread::{multithread_tract_scope, Executor};
 
 use super::pack::{self, TernaryWeights};
 use super::*;
@@ -190,27 +189,30 @@ fn every_kernel_matches_the_reference_on_int8_shapes_and_edge_values() {
 }
 
 #[test]
-fn splitting_rows_across_threads_gives_the_same_result() {
+fn row_ranges_cover_the_whole_product() {
     let mut rng = SmallRng::seed_from_u64(4);
     let (n, k) = (1000, 640);
     let w = values(&mut rng, n * k, Fill::Random, -1, 1);
     let packed = pack::pack(&w, n, k).unwrap();
     let tw = TernaryWeights::new(&packed, n, k).unwrap();
     let w8 = values(&mut rng, n * k, Fill::Random, i8::MIN, i8::MAX);
+    let kernel = Kernel::detect();
     for m in [1, 6] {
         let x = values(&mut rng, m * k, Fill::Random, i8::MIN, i8::MAX);
-        let expected = (reference(&w, n, k, &x, m), reference(&w8, n, k, &x, m));
-        for threads in [2, 3] {
-            let got = multithread_tract_scope(Executor::multithread(threads), || {
-                let kernel = Kernel::detect();
-                let mut a = vec![0; m * n];
-                let mut b = vec![0; m * n];
-                ternary_matmul(kernel, tw, &x, m, &mut a).unwrap();
-                int8_matmul(kernel, &w8, n, k, &x, m, &mut b).unwrap();
-                (a, b)
+        let xs: Vec<&[i8]> = x.chunks(k).collect();
+        let xsum: Vec<i32> = xs
+            .iter()
+            .map(|r| r.iter().map(|&v| v as i32).sum())
+            .collect();
+        let (mut a, mut b) = (vec![0; m * n], vec![0; m * n]);
+        for range in [0..333, 333..334, 334..1000] {
+            ternary_rows(kernel, tw, range.clone(), &xs, &xsum, |r, i, v| {
+                a[i * n + r] = v
             });
-            assert_eq!(got, expected, "m={m} threads={threads}");
+            int8_rows(kernel, &w8, k, range, &xs, |r, i, v| b[i * n + r] = v);
         }
+        assert_eq!(a, reference(&w, n, k, &x, m), "ternary m={m}");
+        assert_eq!(b, reference(&w8, n, k, &x, m), "int8 m={m}");
     }
 }
 

@@ -1,7 +1,11 @@
-//! The ONNX graph of a BitNet b1.58 decoder, op for op as transformers computes it:
-//! per-token absmax int8 activation quantization, `ai.bitnetd.BitLinear` (2-bit packed ternary weights, see
-//! `onnx::functions` for its definition in standard ops) with the weights' scale, RMSNorm with the model's eps, rotate-half RoPE with the model's theta, and ONNX `Attention` (opset 23)
-//! with GQA and explicit past/present KV tensors, which tract turns into a stateful in-place cache.
+//! The ONNX graph of a BitNet b1.58 decoder, as transformers computes it, in bitnetd's fused ops (see
+//! `onnx::functions` for their definitions in standard ops, which onnxruntime runs):
+//! - `Embedding` / `Int8Embedding` for the token lookup;
+//! - per layer: `BitLinearNorm` (input norm, quantization, fused Q/K/V product), `KvAttention` (RoPE, GQA, the KV
+//!   cache as explicit past/present tensors), `BitLinear[Norm]Add` (attention sub-norm, O projection, residual),
+//!   `BitLinearNorm{Relu2,Silu}Glu` (post-attention norm, fused gate/up product, activation),
+//!   `BitLinear[Norm]Add` (FFN sub-norm, down projection, residual);
+//! - the last position's final norm and output layer, `Int8LinearNorm` or `F32LinearNorm`.
 //!
 //! Inputs: `input_ids`, `attention_mask` (`[1, past + seq]`), `position_ids`, `past_key_values.{i}.key|value`
 //! (`[1, kv_heads, past, head_dim]`). Outputs: `logits` for the last position only (`[1, 1, vocab]`) and
@@ -11,12 +15,14 @@ use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::{ModelProto, ValueInfoProto};
 
 use super::builder::{attr_f, attr_i, value_info, Dim, GraphBuilder};
-use super::functions::{self, DOMAIN_VERSION};
-use crate::engine::linear_op::{BIT_LINEAR, DOMAIN, INT8_LINEAR};
+use super::functions::{self, AttentionShape, DOMAIN_VERSION};
+use crate::engine::ops::{
+    Glu, LinearSpec, WeightFormat, ATTENTION, DOMAIN, EMBEDDING, INT8_EMBEDDING,
+};
 use crate::hf::{Activation, Architecture, Family, HfError, TernaryMatrix, Weights};
 use crate::kernels::pack::{self, PackError};
 
-/// The opset the graph is written for (ONNX `Attention` is opset 23).
+/// The opset the graph is written for (ONNX `Attention`, used by the `KvAttention` body, is opset 23).
 pub const OPSET: i64 = 23;
 
 /// Errors building the graph.
@@ -51,11 +57,11 @@ pub struct LayerDone {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum HeadFormat {
-    /// f32, run by tract's f32 matmul: logits as transformers computes them.
+    /// f32 rows: logits as transformers computes them.
     #[default]
     F32,
-    /// int8 with one scale per vocabulary row, run by `Int8Linear` on int8 activations (per-token absmax, like
-    /// the BitLinear layers): a quarter of the bytes read per token. Logits move by about 1% of their range
+    /// int8 with one scale per vocabulary row, on int8 activations (per-token absmax, like the BitLinear
+    /// layers): a quarter of the bytes read per token. Logits move by about 1% of their range
     /// (`tests/reference.rs`).
     Int8,
 }
@@ -116,85 +122,81 @@ struct Int8Table {
 
 /// The output layer's constant.
 enum Head {
-    /// `[hidden, vocab]`.
+    /// `[vocab, hidden]` f32 rows.
     F32(String),
     Int8(Int8Table),
-}
-
-/// Per-token activation quantization: `(int8 values, scale)` with `scale = 127 / max(|x|, 1e-5)`.
-struct QuantizedAct {
-    q: String,
-    scale: String,
 }
 
 struct Ctx<'a> {
     g: GraphBuilder,
     arch: &'a Architecture,
     w: &'a Weights,
-    axis_last: String,
-    eps: String,
+    specs: Vec<LinearSpec>,
+}
+
+/// What a fused linear adds to its product.
+struct Around<'a> {
+    /// Initializer of the RMSNorm weights, if the input is normalized first.
+    norm: Option<String>,
+    glu: Option<Glu>,
+    residual: Option<&'a str>,
 }
 
 impl Ctx<'_> {
-    fn rms_norm(
+    fn norm_weight(&mut self, name: &str, dim: usize, hint: &str) -> Result<String, GraphError> {
+        let w = self.w.floats(name, &[dim])?;
+        Ok(self.g.f32s(&format!("{hint}.weight"), &[dim], &w)?)
+    }
+
+    /// A fused linear node over `x` with weights `w` (and scales `s`), `n` outputs of `k` inputs.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_node(
         &mut self,
+        weights: WeightFormat,
         x: &str,
-        weight: &str,
-        dim: usize,
+        w: &str,
+        s: Option<&str>,
+        (n, k): (usize, usize),
+        around: Around<'_>,
         hint: &str,
-    ) -> Result<String, GraphError> {
-        let w = self.w.floats(weight, &[dim])?;
-        let w = self.g.f32s(&format!("{hint}.weight"), &[dim], &w)?;
-        let g = &mut self.g;
-        let sq = g.op("Mul", hint, &[x, x], vec![]);
-        let var = g.op(
-            "ReduceMean",
-            hint,
-            &[&sq, &self.axis_last],
-            vec![attr_i("keepdims", 1)],
-        );
-        let var = g.op("Add", hint, &[&var, &self.eps], vec![]);
-        let rms = g.op("Sqrt", hint, &[&var], vec![]);
-        let y = g.op("Div", hint, &[x, &rms], vec![]);
-        Ok(g.op("Mul", hint, &[&y, &w], vec![]))
+    ) -> String {
+        let spec = LinearSpec {
+            weights,
+            norm: around.norm.is_some(),
+            glu: around.glu,
+            residual: around.residual.is_some(),
+        };
+        let mut inputs = vec![x];
+        if let Some(nw) = &around.norm {
+            inputs.push(nw);
+        }
+        inputs.push(w);
+        if let Some(s) = s {
+            inputs.push(s);
+        }
+        if let Some(r) = around.residual {
+            inputs.push(r);
+        }
+        let mut attrs = vec![
+            attr_i("in_features", k as i64),
+            attr_i("out_features", n as i64),
+        ];
+        if spec.norm {
+            attrs.push(attr_f("epsilon", self.arch.rms_norm_eps));
+        }
+        self.specs.push(spec);
+        self.g
+            .custom_op(DOMAIN, &spec.op_type(), hint, &inputs, attrs)
     }
 
-    fn quantize(&mut self, x: &str, hint: &str) -> QuantizedAct {
-        let g = &mut self.g;
-        let (floor, qp, qn) = (
-            g.scalar("1e-5", 1e-5),
-            g.scalar("127", 127.0),
-            g.scalar("-128", -128.0),
-        );
-        let a = g.op("Abs", hint, &[x], vec![]);
-        let m = g.op(
-            "ReduceMax",
-            hint,
-            &[&a, &self.axis_last],
-            vec![attr_i("keepdims", 1)],
-        );
-        let m = g.op("Max", hint, &[&m, &floor], vec![]);
-        let scale = g.op("Div", hint, &[&qp, &m], vec![]);
-        let r = g.op("Mul", hint, &[x, &scale], vec![]);
-        let r = g.op("Round", hint, &[&r], vec![]);
-        let r = g.op("Clip", hint, &[&r, &qn, &qp], vec![]);
-        let q = g.op(
-            "Cast",
-            hint,
-            &[&r],
-            vec![attr_i("to", DataType::Int8 as i64)],
-        );
-        QuantizedAct { q, scale }
-    }
-
-    /// One `BitLinear` (2-bit packed ternary weights) for several linears sharing an input; returns one output per
-    /// matrix.
+    /// One fused ternary linear for several matrices sharing an input (their outputs concatenated).
     fn bitlinear(
         &mut self,
-        x: &QuantizedAct,
+        x: &str,
         mats: &[TernaryMatrix],
+        around: Around<'_>,
         hint: &str,
-    ) -> Result<Vec<String>, GraphError> {
+    ) -> Result<String, GraphError> {
         let k = mats[0].cols;
         let n: usize = mats.iter().map(|m| m.rows).sum();
         let mut values = Vec::with_capacity(k * n);
@@ -205,41 +207,14 @@ impl Ctx<'_> {
         }
         let packed = pack::pack(&values, n, k)?;
         drop(values);
-        let w = self.g.initializer(
+        let w = self.g.weights(
             &format!("{hint}.ternary"),
             DataType::Uint8,
             &[n, packed.len() / n.max(1)],
             &packed,
         )?;
-        let y = self.g.custom_op(
-            DOMAIN,
-            BIT_LINEAR,
-            hint,
-            &[&x.q, &w],
-            vec![attr_i("in_features", k as i64)],
-        );
         let s = self.g.f32s(&format!("{hint}.scale"), &[n], &col_scale)?;
-        let g = &mut self.g;
-        let y = g.op(
-            "Cast",
-            hint,
-            &[&y],
-            vec![attr_i("to", DataType::Float as i64)],
-        );
-        let y = g.op("Div", hint, &[&y, &x.scale], vec![]);
-        let y = g.op("Mul", hint, &[&y, &s], vec![]);
-        if mats.len() == 1 {
-            return Ok(vec![y]);
-        }
-        let sizes: Vec<i64> = mats.iter().map(|m| m.rows as i64).collect();
-        let split = g.i64s("split", &sizes);
-        Ok(g.op_n(
-            "Split",
-            hint,
-            &[&y, &split],
-            mats.len(),
-            vec![attr_i("axis", -1)],
-        ))
+        Ok(self.linear_node(WeightFormat::Bit, x, &w, Some(&s), (n, k), around, hint))
     }
 
     /// Writes `v` (`rows × cols`) as int8 rows with scale `max|row| / 127` each.
@@ -261,93 +236,34 @@ impl Ctx<'_> {
                     .map(|&x| (x / scale).round().clamp(-127.0, 127.0) as i8 as u8),
             );
         }
-        let data = self
-            .g
-            .initializer(hint, DataType::Int8, &[rows, cols], &q)?;
+        let data = self.g.weights(hint, DataType::Int8, &[rows, cols], &q)?;
         drop(q);
         let scale = self.g.f32s(&format!("{hint}.scale"), &[rows], &scales)?;
         Ok(Int8Table { data, scale })
-    }
-
-    /// `table[input_ids] * scale[input_ids]`, as f32 `[1, S, hidden]`.
-    fn embed_int8(&mut self, t: &Int8Table) -> String {
-        let g = &mut self.g;
-        let rows = g.op(
-            "Gather",
-            "embed",
-            &[&t.data, "input_ids"],
-            vec![attr_i("axis", 0)],
-        );
-        let rows = g.op(
-            "Cast",
-            "embed",
-            &[&rows],
-            vec![attr_i("to", DataType::Float as i64)],
-        );
-        let s = g.op(
-            "Gather",
-            "embed",
-            &[&t.scale, "input_ids"],
-            vec![attr_i("axis", 0)],
-        );
-        let s = g.op("Unsqueeze", "embed", &[&s, &self.axis_last], vec![]);
-        g.op("Mul", "embed", &[&rows, &s], vec![])
     }
 
     fn ternary(&self, prefix: &str, rows: usize, cols: usize) -> Result<TernaryMatrix, GraphError> {
         Ok(self.w.ternary(self.arch, prefix, rows, cols)?)
     }
 
-    /// `[1, S, heads*D]` -> `[1, heads, S, D]`
-    fn heads(&mut self, x: &str, heads: usize, hint: &str) -> String {
-        let shape = self
-            .g
-            .i64s("shape", &[1, -1, heads as i64, self.arch.head_dim as i64]);
-        let r = self.g.op("Reshape", hint, &[x, &shape], vec![]);
-        self.g.op(
-            "Transpose",
-            hint,
-            &[&r],
-            vec![super::builder::attr_ints("perm", &[0, 2, 1, 3])],
-        )
-    }
-
-    fn rope(&mut self, x: &str, cos: &str, sin: &str, hint: &str) -> String {
-        let half = (self.arch.head_dim / 2) as i64;
-        let g = &mut self.g;
-        let (ax, z, h, e) = (
-            g.i64s("axes", &[3]),
-            g.i64s("start", &[0]),
-            g.i64s("half", &[half]),
-            g.i64s("end", &[2 * half]),
-        );
-        let x1 = g.op("Slice", hint, &[x, &z, &h, &ax], vec![]);
-        let x2 = g.op("Slice", hint, &[x, &h, &e, &ax], vec![]);
-        let nx2 = g.op("Neg", hint, &[&x2], vec![]);
-        let rot = g.op("Concat", hint, &[&nx2, &x1], vec![attr_i("axis", 3)]);
-        let a = g.op("Mul", hint, &[x, cos], vec![]);
-        let b = g.op("Mul", hint, &[&rot, sin], vec![]);
-        g.op("Add", hint, &[&a, &b], vec![])
-    }
-
+    /// The sub-norm's weights (BitNet), or `None` for checkpoints without one (Llama-style 1bitLLM).
     fn sub_norm(
         &mut self,
-        x: &str,
         prefix: &str,
         names: &[&str],
         dim: usize,
         hint: &str,
-    ) -> Result<String, GraphError> {
+    ) -> Result<Option<String>, GraphError> {
         for n in names {
             let name = format!("{prefix}.{n}.weight");
             if self.w.has(&name) {
-                return self.rms_norm(x, &name, dim, hint);
+                return self.norm_weight(&name, dim, hint).map(Some);
             }
         }
         if self.arch.family == Family::BitNet {
             return Err(HfError::MissingTensor(format!("{prefix}.{}.weight", names[0])).into());
         }
-        Ok(x.to_string())
+        Ok(None)
     }
 }
 
@@ -360,136 +276,92 @@ pub fn build(
     formats: TableFormats,
     progress: &mut dyn FnMut(LayerDone),
 ) -> Result<ModelProto, GraphError> {
-    let mut g = GraphBuilder::new(dir, data_location)?;
-    let axis_last = g.i64s("axes", &[-1]);
-    let eps = g.scalar("eps", arch.rms_norm_eps);
+    let g = GraphBuilder::new(dir, data_location)?;
     let mut cx = Ctx {
         g,
         arch,
         w,
-        axis_last,
-        eps,
+        specs: vec![],
     };
     let (hd, h, kvh) = (arch.head_dim, arch.num_heads, arch.num_kv_heads);
     let (hidden, ffn, vocab) = (arch.hidden_size, arch.intermediate_size, arch.vocab_size);
 
     let embed = w.floats("model.embed_tokens.weight", &[vocab, hidden])?;
     let mut shared = None;
+    let mut f32_table = None;
     let mut x = match formats.embedding {
         // f16 when every value fits (bf16 and f16 checkpoints), see `fits_f16`.
         EmbeddingFormat::Float => {
-            let lookup = embedding_table(&mut cx.g, &embed, vocab, hidden)?;
-            let x = cx.g.op(
-                "Gather",
-                "embed",
-                &[&lookup.0, "input_ids"],
-                vec![attr_i("axis", 0)],
-            );
-            if lookup.1 {
-                cx.g.op(
-                    "Cast",
-                    "embed",
-                    &[&x],
-                    vec![attr_i("to", DataType::Float as i64)],
-                )
-            } else {
-                x
+            let (table, is_f16) = embedding_table(&mut cx.g, &embed, vocab, hidden)?;
+            if !is_f16 {
+                f32_table = Some(table.clone());
             }
+            cx.g.custom_op(DOMAIN, EMBEDDING, "embed", &["input_ids", &table], vec![])
         }
         EmbeddingFormat::Int8 => {
             let table = cx.int8_table("embed_tokens", &embed, vocab, hidden)?;
-            let x = cx.embed_int8(&table);
+            let x = cx.g.custom_op(
+                DOMAIN,
+                INT8_EMBEDDING,
+                "embed",
+                &["input_ids", &table.data, &table.scale],
+                vec![],
+            );
             shared = Some(table);
             x
         }
     };
-    // A tied output layer is written now, while the table is loaded. The f32 one gets its own [hidden, vocab]
-    // constant so that tract packs it once at load (a constant shared by two ops is never folded and would be
-    // re-packed every step); an int8 one shares the int8 lookup table if there is one, since `Int8Linear` reads
-    // its constant in place.
+    // A tied output layer is written now, while the table is loaded; it shares the lookup table when both are
+    // stored alike (the ops read weights in place, so one copy serves both).
     let tied_head = match (arch.tie_word_embeddings, formats.head) {
         (false, _) => None,
-        (true, HeadFormat::F32) => Some(Head::F32(cx.g.f32s(
-            "lm_head_t",
-            &[hidden, vocab],
-            &transpose(&embed, vocab, hidden),
-        )?)),
+        (true, HeadFormat::F32) => Some(Head::F32(match f32_table {
+            Some(t) => t,
+            None => cx.g.weights(
+                "lm_head",
+                DataType::Float,
+                &[vocab, hidden],
+                &f32_bytes(&embed),
+            )?,
+        })),
         (true, HeadFormat::Int8) => Some(Head::Int8(match shared {
             Some(t) => t,
             None => cx.int8_table("lm_head", &embed, vocab, hidden)?,
         })),
     };
     drop(embed);
-    let g = &mut cx.g;
 
-    // Additive mask [1, 1, S, T]: key j is visible to query i iff kpos(j) <= position_ids(i) and mask(j) != 0.
-    let one = g.initializer("one", DataType::Int64, &[], &1i64.to_le_bytes())?;
-    let ax1 = g.i64s("axes", &[1]);
-    let ax2 = g.i64s("axes", &[2]);
-    let cs = g.op("CumSum", "mask", &["attention_mask", &one], vec![]);
-    let kpos = g.op("Sub", "mask", &[&cs, &one], vec![]);
-    let kpos = g.op("Unsqueeze", "mask", &[&kpos, &ax1], vec![]);
-    let qpos = g.op("Unsqueeze", "mask", &["position_ids", &ax2], vec![]);
-    let causal = g.op("LessOrEqual", "mask", &[&kpos, &qpos], vec![]);
-    let valid = g.op(
-        "Cast",
-        "mask",
-        &["attention_mask"],
-        vec![attr_i("to", DataType::Bool as i64)],
-    );
-    let valid = g.op("Unsqueeze", "mask", &[&valid, &ax1], vec![]);
-    let allowed = g.op("And", "mask", &[&causal, &valid], vec![]);
-    let (zero, neg) = (g.scalar("zero", 0.0), g.scalar("min", f32::MIN));
-    let mask = g.op("Where", "mask", &[&allowed, &zero, &neg], vec![]);
-    let mask = g.op("Unsqueeze", "mask", &[&mask, &ax1], vec![]);
-
-    // RoPE tables for the given positions, as transformers' default rotary embedding computes them.
+    // RoPE's inverse frequencies, as transformers' default rotary embedding computes them.
     let inv_freq: Vec<f32> = (0..hd / 2)
         .map(|i| 1.0 / arch.rope_theta.powf((2 * i) as f32 / hd as f32))
         .collect();
-    let inv_freq = g.f32s("inv_freq", &[hd / 2], &inv_freq)?;
-    let pos = g.op(
-        "Cast",
-        "rope",
-        &["position_ids"],
-        vec![attr_i("to", DataType::Float as i64)],
-    );
-    let pos = g.op("Unsqueeze", "rope", &[&pos, &ax2], vec![]);
-    let freqs = g.op("Mul", "rope", &[&pos, &inv_freq], vec![]);
-    let emb = g.op(
-        "Concat",
-        "rope",
-        &[&freqs, &freqs],
-        vec![attr_i("axis", -1)],
-    );
-    let cos = g.op("Cos", "rope", &[&emb], vec![]);
-    let cos = g.op("Unsqueeze", "rope", &[&cos, &ax1], vec![]);
-    let sin = g.op("Sin", "rope", &[&emb], vec![]);
-    let sin = g.op("Unsqueeze", "rope", &[&sin, &ax1], vec![]);
+    let inv_freq = cx.g.f32s("inv_freq", &[hd / 2], &inv_freq)?;
 
     for l in 0..arch.num_layers {
         let p = format!("model.layers.{l}");
         let hint = format!("layers.{l}");
-        let a = format!("{hint}.attn");
-        let n = cx.rms_norm(
-            &x,
+        let norm = cx.norm_weight(
             &format!("{p}.input_layernorm.weight"),
             hidden,
             &format!("{hint}.input_norm"),
         )?;
-        let qa = cx.quantize(&n, &a);
         let mats = [
             cx.ternary(&format!("{p}.self_attn.q_proj"), h * hd, hidden)?,
             cx.ternary(&format!("{p}.self_attn.k_proj"), kvh * hd, hidden)?,
             cx.ternary(&format!("{p}.self_attn.v_proj"), kvh * hd, hidden)?,
         ];
-        let qkv = cx.bitlinear(&qa, &mats, &format!("{hint}.qkv"))?;
+        let qkv = cx.bitlinear(
+            &x,
+            &mats,
+            Around {
+                norm: Some(norm),
+                glu: None,
+                residual: None,
+            },
+            &format!("{hint}.qkv"),
+        )?;
         drop(mats);
-        let q = cx.heads(&qkv[0], h, &a);
-        let k = cx.heads(&qkv[1], kvh, &a);
-        let v = cx.heads(&qkv[2], kvh, &a);
-        let q = cx.rope(&q, &cos, &sin, &a);
-        let k = cx.rope(&k, &cos, &sin, &a);
+        let a = format!("{hint}.attn");
         let outs = [
             format!("{a}/attention"),
             format!("present.{l}.key"),
@@ -500,132 +372,150 @@ pub fn build(
             format!("past_key_values.{l}.value"),
         );
         let attrs = vec![
+            attr_i("heads", h as i64),
+            attr_i("kv_heads", kvh as i64),
+            attr_i("head_dim", hd as i64),
             attr_f("scale", (hd as f64).powf(-0.5) as f32),
-            attr_i("is_causal", 0),
         ];
         cx.g.op_into(
-            "Attention",
+            ATTENTION,
             &a,
-            &[&q, &k, &v, &mask, &pk, &pv],
+            &[&qkv, "position_ids", "attention_mask", &inv_freq, &pk, &pv],
             &outs,
             attrs,
         );
-        let y = cx.g.op(
-            "Transpose",
-            &a,
-            &[&outs[0]],
-            vec![super::builder::attr_ints("perm", &[0, 2, 1, 3])],
-        );
-        let shape = cx.g.i64s("shape", &[1, -1, (h * hd) as i64]);
-        let y = cx.g.op("Reshape", &a, &[&y, &shape], vec![]);
-        let y = cx.sub_norm(
-            &y,
+        cx.g.set_last_domain(DOMAIN);
+        let norm = cx.sub_norm(
             &format!("{p}.self_attn"),
             &["attn_sub_norm", "inner_attn_ln"],
             h * hd,
             &format!("{hint}.attn_sub_norm"),
         )?;
-        let ya = cx.quantize(&y, &a);
         let o = [cx.ternary(&format!("{p}.self_attn.o_proj"), hidden, h * hd)?];
-        let o = cx.bitlinear(&ya, &o, &format!("{hint}.o_proj"))?;
-        x = cx.g.op("Add", &hint, &[&x, &o[0]], vec![]);
+        x = cx.bitlinear(
+            &outs[0],
+            &o,
+            Around {
+                norm,
+                glu: None,
+                residual: Some(&x),
+            },
+            &format!("{hint}.o_proj"),
+        )?;
 
-        let m = format!("{hint}.mlp");
-        let n = cx.rms_norm(
-            &x,
+        let norm = cx.norm_weight(
             &format!("{p}.post_attention_layernorm.weight"),
             hidden,
             &format!("{hint}.post_norm"),
         )?;
-        let na = cx.quantize(&n, &m);
         let mats = [
             cx.ternary(&format!("{p}.mlp.gate_proj"), ffn, hidden)?,
             cx.ternary(&format!("{p}.mlp.up_proj"), ffn, hidden)?,
         ];
-        let gu = cx.bitlinear(&na, &mats, &format!("{hint}.gate_up"))?;
-        drop(mats);
-        let act = match arch.activation {
-            Activation::Relu2 => {
-                let r = cx.g.op("Relu", &m, &[&gu[0]], vec![]);
-                cx.g.op("Mul", &m, &[&r, &r], vec![])
-            }
-            Activation::Silu => {
-                let s = cx.g.op("Sigmoid", &m, &[&gu[0]], vec![]);
-                cx.g.op("Mul", &m, &[&gu[0], &s], vec![])
-            }
+        let glu = match arch.activation {
+            Activation::Relu2 => Glu::Relu2,
+            Activation::Silu => Glu::Silu,
         };
-        let y = cx.g.op("Mul", &m, &[&act, &gu[1]], vec![]);
-        let y = cx.sub_norm(
-            &y,
+        let y = cx.bitlinear(
+            &x,
+            &mats,
+            Around {
+                norm: Some(norm),
+                glu: Some(glu),
+                residual: None,
+            },
+            &format!("{hint}.gate_up"),
+        )?;
+        drop(mats);
+        let norm = cx.sub_norm(
             &format!("{p}.mlp"),
             &["ffn_sub_norm", "ffn_layernorm"],
             ffn,
             &format!("{hint}.ffn_sub_norm"),
         )?;
-        let ya = cx.quantize(&y, &m);
         let d = [cx.ternary(&format!("{p}.mlp.down_proj"), hidden, ffn)?];
-        let d = cx.bitlinear(&ya, &d, &format!("{hint}.down_proj"))?;
-        x = cx.g.op("Add", &hint, &[&x, &d[0]], vec![]);
+        x = cx.bitlinear(
+            &y,
+            &d,
+            Around {
+                norm,
+                glu: None,
+                residual: Some(&x),
+            },
+            &format!("{hint}.down_proj"),
+        )?;
         progress(LayerDone {
             layer: l + 1,
             layers: arch.num_layers,
         });
     }
 
-    let x = cx.rms_norm(&x, "model.norm.weight", hidden, "norm")?;
-    let g = &mut cx.g;
-    let (last, end) = (g.i64s("start", &[-1]), g.i64s("end", &[i64::MAX]));
-    let x = g.op("Slice", "head", &[&x, &last, &end, &ax1], vec![]);
+    let norm = cx.norm_weight("model.norm.weight", hidden, "norm")?;
+    let (last, end, ax1) = (
+        cx.g.i64s("start", &[-1]),
+        cx.g.i64s("end", &[i64::MAX]),
+        cx.g.i64s("axes", &[1]),
+    );
+    let x = cx.g.op("Slice", "head", &[&x, &last, &end, &ax1], vec![]);
     let head = match tied_head {
         Some(h) => h,
         None => {
             let lm = w.floats("lm_head.weight", &[vocab, hidden])?;
             match formats.head {
-                HeadFormat::F32 => Head::F32(cx.g.f32s(
-                    "lm_head_t",
-                    &[hidden, vocab],
-                    &transpose(&lm, vocab, hidden),
+                HeadFormat::F32 => Head::F32(cx.g.weights(
+                    "lm_head",
+                    DataType::Float,
+                    &[vocab, hidden],
+                    &f32_bytes(&lm),
                 )?),
                 HeadFormat::Int8 => Head::Int8(cx.int8_table("lm_head", &lm, vocab, hidden)?),
             }
         }
     };
-    match head {
-        Head::F32(head_t) => {
-            cx.g.op_into(
-                "MatMul",
-                "head/logits",
-                &[&x, &head_t],
-                &["logits".to_string()],
-                vec![],
-            );
-        }
-        Head::Int8(table) => {
-            let xq = cx.quantize(&x, "head");
-            let g = &mut cx.g;
-            let y = g.custom_op(DOMAIN, INT8_LINEAR, "head", &[&xq.q, &table.data], vec![]);
-            let y = g.op(
-                "Cast",
-                "head",
-                &[&y],
-                vec![attr_i("to", DataType::Float as i64)],
-            );
-            let y = g.op("Div", "head", &[&y, &xq.scale], vec![]);
-            g.op_into(
-                "Mul",
-                "head/logits",
-                &[&y, &table.scale],
-                &["logits".to_string()],
-                vec![],
-            );
-        }
-    }
+    let around = || Around {
+        norm: Some(norm.clone()),
+        glu: None,
+        residual: None,
+    };
+    let logits = match head {
+        Head::F32(t) => cx.linear_node(
+            WeightFormat::F32,
+            &x,
+            &t,
+            None,
+            (vocab, hidden),
+            around(),
+            "head",
+        ),
+        Head::Int8(t) => cx.linear_node(
+            WeightFormat::Int8,
+            &x,
+            &t.data,
+            Some(&t.scale),
+            (vocab, hidden),
+            around(),
+            "head",
+        ),
+    };
+    cx.g.op_into(
+        "Identity",
+        "head/logits",
+        &[&logits],
+        &["logits".to_string()],
+        vec![],
+    );
 
     let (inputs, outputs) = io(arch);
+    let shape = AttentionShape {
+        heads: h,
+        kv_heads: kvh,
+        head_dim: hd,
+    };
+    let functions = functions::definitions(OPSET, &cx.specs, shape);
     Ok(cx.g.finish(
         OPSET,
         &[(DOMAIN, DOMAIN_VERSION)],
-        functions::definitions(OPSET),
+        functions,
         inputs,
         outputs,
         "BitNet b1.58 exported by bitnetd",
@@ -653,23 +543,24 @@ fn embedding_table(
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
             .collect();
         Ok((
-            g.initializer("embed_tokens", DataType::Float16, &[vocab, hidden], &raw)?,
+            g.weights("embed_tokens", DataType::Float16, &[vocab, hidden], &raw)?,
             true,
         ))
     } else {
-        Ok((g.f32s("embed_tokens", &[vocab, hidden], embed)?, false))
+        Ok((
+            g.weights(
+                "embed_tokens",
+                DataType::Float,
+                &[vocab, hidden],
+                &f32_bytes(embed),
+            )?,
+            false,
+        ))
     }
 }
 
-/// `[rows, cols]` row-major to `[cols, rows]` row-major.
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; v.len()];
-    for (r, row) in v.chunks_exact(cols).enumerate() {
-        for (c, &x) in row.iter().enumerate() {
-            t[c * rows + r] = x;
-        }
-    }
-    t
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn io(arch: &Architecture) -> (Vec<ValueInfoProto>, Vec<ValueInfoProto>) {

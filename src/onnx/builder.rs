@@ -115,6 +115,13 @@ impl GraphBuilder {
         });
     }
 
+    /// Sets the domain of the node added last (a custom op written with [`GraphBuilder::op_into`]).
+    pub fn set_last_domain(&mut self, domain: &str) {
+        if let Some(n) = self.nodes.last_mut() {
+            n.domain = domain.to_string();
+        }
+    }
+
     /// Adds an initializer from raw little-endian bytes; large ones are appended to the external file.
     pub fn initializer(
         &mut self,
@@ -123,6 +130,29 @@ impl GraphBuilder {
         dims: &[usize],
         raw: &[u8],
     ) -> std::io::Result<String> {
+        self.initializer_in(hint, dt, dims, raw, raw.len() >= EXTERNAL_THRESHOLD)
+    }
+
+    /// Adds an initializer that always goes to the external file, whatever its size (weights that bitnetd's
+    /// ops read in place from the file).
+    pub fn weights(
+        &mut self,
+        hint: &str,
+        dt: DataType,
+        dims: &[usize],
+        raw: &[u8],
+    ) -> std::io::Result<String> {
+        self.initializer_in(hint, dt, dims, raw, true)
+    }
+
+    fn initializer_in(
+        &mut self,
+        hint: &str,
+        dt: DataType,
+        dims: &[usize],
+        raw: &[u8],
+        external: bool,
+    ) -> std::io::Result<String> {
         let name = self.fresh(hint);
         let mut t = TensorProto {
             name: name.clone(),
@@ -130,7 +160,7 @@ impl GraphBuilder {
             dims: dims.iter().map(|&d| d as i64).collect(),
             ..Default::default()
         };
-        if raw.len() >= EXTERNAL_THRESHOLD {
+        if external {
             let pad = (ALIGN - self.offset % ALIGN) % ALIGN;
             self.data.write_all(&vec![0u8; pad as usize])?;
             self.offset += pad;

@@ -10,12 +10,22 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Event, MqttOptions};
 
+/// A loopback port nothing listens on now and that this test process has not handed out before (the kernel may
+/// give a just-released port to the next `bind(0)`, and two brokers of one test binary must not collide).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running broker.
@@ -82,8 +92,19 @@ impl Broker {
         })
     }
 
-    /// rumqttd in this process (it lives until the test process ends).
+    /// rumqttd in this process (it lives until the test process ends). A port taken by another process between
+    /// choosing it and rumqttd's bind only shows in rumqttd's log, so a broker that does not come up is replaced
+    /// by one on new ports.
     pub fn rumqttd() -> Broker {
+        for _ in 0..4 {
+            if let Some(b) = Broker::try_rumqttd() {
+                return b;
+            }
+        }
+        panic!("rumqttd did not start on four pairs of free ports");
+    }
+
+    fn try_rumqttd() -> Option<Broker> {
         let (port, port_v4) = (free_port(), free_port());
         let server = |name: &str, p: u16| {
             format!(
@@ -104,15 +125,16 @@ impl Broker {
             let mut broker = rumqttd::Broker::new(config);
             let _ = broker.start();
         });
-        wait_for_port(port);
-        wait_for_port(port_v4);
-        Broker {
+        if !(port_is_up(port) && port_is_up(port_v4)) {
+            return None;
+        }
+        Some(Broker {
             port,
             port_v4,
             kind: "rumqttd",
             child: None,
             _dir: None,
-        }
+        })
     }
 
     /// Stops a Mosquitto broker (SIGKILL, as a crash).
@@ -140,14 +162,19 @@ impl Drop for Broker {
 }
 
 fn wait_for_port(port: u16) {
+    assert!(port_is_up(port), "broker on {port} did not start");
+}
+
+/// Whether something accepts connections on `port` within 10 s.
+fn port_is_up(port: u16) -> bool {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "broker on {port} did not start"
-        );
+        if start.elapsed() > Duration::from_secs(10) {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// One received message.

@@ -262,3 +262,31 @@ impl Client {
         }
     }
 }
+
+/// Writes the fake board's temperature (°C).
+pub fn set_temperature(board: &std::path::Path, celsius: f32) {
+    let zone = board.join("sys/class/thermal/thermal_zone0");
+    std::fs::create_dir_all(&zone).unwrap();
+    std::fs::write(
+        zone.join("temp.tmp"),
+        format!("{}\n", (celsius * 1000.0) as i64),
+    )
+    .unwrap();
+    std::fs::rename(zone.join("temp.tmp"), zone.join("temp")).unwrap();
+}
+
+/// Polls `status` until its `budget` object passes `check` (20 s at most).
+pub fn wait_for_budget(c: &mut Client, check: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let s = c.status();
+        if check(&s["budget"]) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "budget never got there: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
