@@ -1,26 +1,32 @@
-//! Decode benchmark: loads a model directory and prints prompt tokens/s, decode tokens/s, time to first token,
-//! load time and peak RSS, as one line of JSON and a human line.
+//! Decode benchmark: a model directory end to end, every figure of the engine's goals in one run.
 //!
-//!   cargo bench --bench decode -- [--model DIR] [--prompt-tokens 64] [--tokens 64] [--threads N] [--runs 3]
-//!                                 [--sweep]
+//!   cargo bench --bench decode -- [--model DIR] [--threads N] [--prompt-tokens 128] [--long-prompt 1500]
+//!                                 [--tokens 32] [--runs 3] [--kv f16|f32] [--weights loaded|mapped]
+//!                                 [--contended] [--sweep]
 //!
-//! `--sweep` also times one decode step after 64, 256, 1024, ... cached tokens (up to the context), to show
-//! that a step's cost grows at most linearly with the context (the KV cache is not copied per step).
-//!
-//! It also reports the weight bytes one decode step reads, this machine's read bandwidth (1 GiB summed by the same
-//! number of threads) and so the bandwidth ceiling of decode speed, and the load's peak RSS against the resident
-//! size after loading.
+//! It reports, as one line of JSON and a few human lines:
+//! - prefill tokens/s on a `--prompt-tokens` prompt, and time to first token;
+//! - decode tokens/s after that prompt and after a `--long-prompt` one, and their ratio;
+//! - peak RSS over the whole run (it includes the long context's KV cache), and the load's peak against the
+//!   resident size after loading;
+//! - the bytes one decode step reads (weights and KV cache), this machine's read bandwidth with the same threads
+//!   (measured last, so that its buffer is not in the peak), the bandwidth ceiling and decode's share of it, and
+//!   what a Raspberry Pi 4 (5.5 GB/s) and Pi 5 (10 GB/s) would reach at the same share;
+//! - with `--contended`: decode on 1 thread and on all threads while another process keeps one core busy, and
+//!   their ratio (more threads must never be slower on a busy board);
+//! - with `--sweep`: one decode step's time after 64, 256, 1024, ... cached tokens.
 //!
 //! Without --model it uses the default model. For the 2B-4T shape:
 //!   python3 models/make_synthetic.py /tmp/syn2b4t
 //!   cargo run --release -- export --from /tmp/syn2b4t --out /tmp/syn2b4t-onnx
-//!   cargo bench --bench decode -- --model /tmp/syn2b4t-onnx
+//!   cargo bench --bench decode -- --model /tmp/syn2b4t-onnx --contended
 
 use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::Instant;
 
-use bitnetd::engine::{sampler::argmax, LoadOptions, Model};
-use bitnetd::onnx::bitnet::HeadFormat;
+use bitnetd::engine::{sampler::argmax, KvFormat, LoadOptions, Model, WeightResidency};
 
 /// A `/proc/self/status` field in MiB (`VmHWM` peak, `VmRSS` now).
 fn status_mib(field: &str) -> f64 {
@@ -31,32 +37,6 @@ fn status_mib(field: &str) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
-}
-
-fn peak_rss_mib() -> f64 {
-    status_mib("VmHWM:")
-}
-
-/// Bytes of weights one decode step reads: every linear once (2-bit ternary, or int8 for a pre-packing export)
-/// and the output layer; the embedding contributes one row.
-fn bytes_per_token(m: &Model) -> f64 {
-    let a = &m.meta.architecture;
-    let (h, ffn) = (a.hidden_size as f64, a.intermediate_size as f64);
-    let (q, kv) = (
-        (a.heads * a.head_dim) as f64,
-        (a.kv_heads * a.head_dim) as f64,
-    );
-    let per_layer = h * (q + 2.0 * kv) + q * h + 2.0 * h * ffn + ffn * h;
-    let ternary_bytes = if a.ternary_storage == "2bit" {
-        0.25
-    } else {
-        1.0
-    };
-    let head_bytes = match a.head_format {
-        HeadFormat::F32 => 4.0,
-        HeadFormat::Int8 => 1.0,
-    };
-    a.layers as f64 * per_layer * ternary_bytes + a.vocab_size as f64 * h * head_bytes
 }
 
 /// Read bandwidth of this machine with `threads` threads, in bytes/s: the best of 5 sums over 1 GiB.
@@ -83,63 +63,140 @@ fn read_bandwidth(threads: usize) -> f64 {
     best
 }
 
+fn prompt(m: &Model, n: usize, salt: u32) -> Vec<u32> {
+    let vocab = m.meta.architecture.vocab_size as u32;
+    (0..n as u32)
+        .map(|i| (i * 7919 + 13 + salt) % vocab)
+        .collect()
+}
+
+/// Prefills `ids` (in the engine's prefill steps) and decodes `tokens` greedily: (prefill s, TTFT s, decode tok/s).
+fn run(m: &Arc<Model>, ids: &[u32], tokens: usize) -> (f64, f64, f64) {
+    let mut s = m.session().unwrap();
+    let t = Instant::now();
+    let mut logits = vec![];
+    for chunk in ids.chunks(m.prefill_chunk()) {
+        logits = s.forward(chunk).unwrap();
+    }
+    let prefill = t.elapsed().as_secs_f64();
+    let mut id = argmax(&logits);
+    let ttft = t.elapsed().as_secs_f64();
+    let td = Instant::now();
+    for _ in 1..tokens {
+        logits = s.forward(&[id]).unwrap();
+        id = argmax(&logits);
+    }
+    (
+        prefill,
+        ttft,
+        (tokens - 1) as f64 / td.elapsed().as_secs_f64(),
+    )
+}
+
+/// Best of `runs`: (prefill tok/s, TTFT s, decode tok/s).
+fn best(m: &Arc<Model>, ids: &[u32], tokens: usize, runs: usize) -> (f64, f64, f64) {
+    let mut b = (0f64, f64::MAX, 0f64);
+    for _ in 0..runs {
+        let (p, t, d) = run(m, ids, tokens);
+        b = (b.0.max(ids.len() as f64 / p), b.1.min(t), b.2.max(d));
+    }
+    b
+}
+
+/// Another process spinning on one core until dropped.
+struct Busy(Child);
+
+impl Busy {
+    fn start() -> Busy {
+        let exe = std::env::current_exe().unwrap();
+        Busy(
+            Command::new(exe)
+                .env("BITNETD_BENCH_BUSY", "1")
+                .spawn()
+                .expect("starting the busy process"),
+        )
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
+    if std::env::var_os("BITNETD_BENCH_BUSY").is_some() {
+        let mut x = 0u64;
+        loop {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
     let mut args = std::env::args().skip(1);
-    let (mut model, mut prompt_tokens, mut tokens, mut threads, mut runs) =
-        (None, 64usize, 64usize, None, 3usize);
-    let mut sweep = false;
+    let mut model = None;
+    let (mut prompt_tokens, mut long_prompt, mut tokens, mut runs) =
+        (128usize, 1500usize, 32usize, 3usize);
+    let (mut contended, mut sweep) = (false, false);
+    let mut prefill_chunk = None;
+    let mut opts = LoadOptions::default();
     while let Some(a) = args.next() {
         let mut val = || args.next().expect("missing value");
         match a.as_str() {
             "--model" => model = Some(PathBuf::from(val())),
             "--prompt-tokens" => prompt_tokens = val().parse().unwrap(),
+            "--long-prompt" => long_prompt = val().parse().unwrap(),
             "--tokens" => tokens = val().parse().unwrap(),
-            "--threads" => threads = Some(val().parse().unwrap()),
+            "--threads" => opts.threads = val().parse().unwrap(),
             "--runs" => runs = val().parse().unwrap(),
+            "--kv" => opts.kv_format = KvFormat::parse(&val()).expect("--kv f16|f32"),
+            "--weights" => {
+                opts.residency = WeightResidency::parse(&val()).expect("--weights loaded|mapped")
+            }
+            "--prefill-chunk" => prefill_chunk = Some(val().parse().unwrap()),
+            "--contended" => contended = true,
             "--sweep" => sweep = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
     }
     let dir = model.unwrap_or_else(bitnetd::default_model::default_model_dir);
-    let mut opts = LoadOptions::default();
-    if let Some(t) = threads {
-        opts.threads = t;
-    }
     let t0 = Instant::now();
     let m = Model::load(&dir, &opts).expect("loading the model");
     let load_s = t0.elapsed().as_secs_f64();
-    let (load_peak, resident) = (peak_rss_mib(), status_mib("VmRSS:"));
-    let vocab = m.meta.architecture.vocab_size as u32;
-    let prompt: Vec<u32> = (0..prompt_tokens as u32)
-        .map(|i| (i * 7919 + 13) % vocab)
-        .collect();
-    let (mut best_prefill, mut best_decode, mut best_ttft) = (0f64, 0f64, f64::MAX);
-    for _ in 0..runs {
-        let mut s = m.session().unwrap();
-        let t = Instant::now();
-        let mut logits = s.forward(&prompt).unwrap();
-        let prefill = t.elapsed().as_secs_f64();
-        let mut id = argmax(&logits);
-        let ttft = t.elapsed().as_secs_f64();
-        let td = Instant::now();
-        for _ in 1..tokens {
-            logits = s.forward(&[id]).unwrap();
-            id = argmax(&logits);
-        }
-        let decode = (tokens - 1) as f64 / td.elapsed().as_secs_f64();
-        best_prefill = best_prefill.max(prompt_tokens as f64 / prefill);
-        best_decode = best_decode.max(decode);
-        best_ttft = best_ttft.min(ttft);
+    if let Some(c) = prefill_chunk {
+        m.set_prefill_chunk(c);
     }
+    let (load_peak, resident) = (status_mib("VmHWM:"), status_mib("VmRSS:"));
+    let threads = m.threads();
+    let ctx = m.meta.context_length;
+    let long_prompt = long_prompt.min(ctx.saturating_sub(tokens + 1));
+
+    let short = prompt(&m, prompt_tokens, 0);
+    let (prefill, ttft, decode) = best(&m, &short, tokens, runs);
+    let long = prompt(&m, long_prompt, 1);
+    let (_, _, decode_long) = best(&m, &long, tokens, runs.min(2));
+    let peak = status_mib("VmHWM:");
+
+    let mut contention = serde_json::Value::Null;
+    if contended {
+        let _busy = Busy::start();
+        m.set_threads(1);
+        let (_, _, one) = best(&m, &short, tokens, runs);
+        m.set_threads(threads);
+        let (_, _, all) = best(&m, &short, tokens, runs);
+        let totals = m.team_totals();
+        contention = serde_json::json!({
+            "decode_1_thread": one, "decode_all_threads": all, "ratio": all / one,
+            "chunks_taken_over": totals.taken_over, "chunks": totals.chunks,
+        });
+    }
+
     let mut step_ms = serde_json::Map::new();
     if sweep {
-        let ctx = m.meta.context_length;
         let mut past = 64;
         while past + 8 < ctx {
             let mut s = m.session().unwrap();
-            let fill: Vec<u32> = (0..past as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-            for chunk in fill.chunks(256) {
+            for chunk in prompt(&m, past, 2).chunks(m.prefill_chunk()) {
                 s.forward(chunk).unwrap();
             }
             let t = Instant::now();
@@ -153,40 +210,74 @@ fn main() {
             past *= 4;
         }
     }
-    let peak = peak_rss_mib();
-    let bytes = bytes_per_token(&m);
-    let bandwidth = read_bandwidth(m.threads());
-    let ceiling = bandwidth / bytes;
+
+    let plan = m.summary();
+    let row = plan.embedding_bytes as f64 / m.meta.architecture.vocab_size.max(1) as f64;
+    let step_bytes = |context: usize| {
+        plan.product_bytes as f64 + row + m.kv_bytes_per_token() as f64 * context as f64
+    };
+    let (bytes_short, bytes_long) = (
+        step_bytes(prompt_tokens + tokens / 2),
+        step_bytes(long_prompt + tokens / 2),
+    );
+    let bandwidth = read_bandwidth(threads);
+    let ceiling = bandwidth / bytes_short;
+    let share = decode / ceiling;
+    let pi = |gb_s: f64| share * gb_s * 1e9 / bytes_short;
     let out = serde_json::json!({
-        "model": m.meta.name, "parameters": m.meta.parameters, "threads": m.threads(),
-        "prompt_tokens": prompt_tokens, "tokens": tokens, "runs": runs,
-        "prompt_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode, "ttft_ms": best_ttft * 1e3,
+        "model": m.meta.name, "parameters": m.meta.parameters, "threads": threads,
+        "kernel": m.kernel().map(|k| k.name()), "kv_cache": plan.kv.format.name(),
+        "weights": if plan.products_mapped { "mapped" } else { "loaded" },
+        "prompt_tokens": prompt_tokens, "long_prompt_tokens": long_prompt, "tokens": tokens, "runs": runs,
+        "prefill_tokens_per_s": prefill, "ttft_ms": ttft * 1e3,
+        "decode_tokens_per_s": decode, "decode_long_tokens_per_s": decode_long,
+        "long_over_short": decode_long / decode,
         "load_s": load_s, "load_peak_rss_mib": load_peak, "rss_after_load_mib": resident,
         "load_peak_over_resident": load_peak / resident, "peak_rss_mib": peak,
-        "kernel": m.kernel().map(|k| k.name()), "head": m.meta.architecture.head_format.to_string(),
-        "weight_bytes_per_token": bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
-        "bandwidth_ceiling_tokens_per_s": ceiling, "decode_over_ceiling": best_decode / ceiling,
-        "attention_layers": m.summary().attention_layers, "decode_step_ms_by_context": step_ms,
+        "bytes_per_token": bytes_short, "bytes_per_token_long": bytes_long,
+        "read_bandwidth_gb_s": bandwidth / 1e9, "bandwidth_ceiling_tokens_per_s": ceiling,
+        "decode_over_ceiling": share,
+        "pi4_tokens_per_s_at_5_5_gb_s": pi(5.5), "pi5_tokens_per_s_at_10_gb_s": pi(10.0),
+        "contended": contention, "decode_step_ms_by_context": step_ms,
     });
     println!("{out}");
     eprintln!(
-        "{}: prefill {:.1} tok/s, decode {:.1} tok/s, TTFT {:.1} ms, load {:.2} s, peak RSS {:.0} MiB \
-         (load peak {:.2}x resident), {} threads, kernel {}",
+        "{}: {} threads, kernel {}, {} KV cache, {} weights",
         m.meta.name,
-        best_prefill,
-        best_decode,
-        best_ttft * 1e3,
-        load_s,
-        peak,
-        load_peak / resident,
-        m.threads(),
-        m.kernel().map_or("none", |k| k.name())
+        threads,
+        m.kernel().map_or("none", |k| k.name()),
+        plan.kv.format,
+        if plan.products_mapped {
+            "mapped"
+        } else {
+            "loaded"
+        }
     );
     eprintln!(
-        "  {:.1} MB of weights per token, read bandwidth {:.1} GB/s: ceiling {:.1} tok/s, decode at {:.0}% of it",
-        bytes / 1e6,
-        bandwidth / 1e9,
-        ceiling,
-        100.0 * best_decode / ceiling
+        "  prefill {prefill:.1} tok/s ({prompt_tokens} tokens, TTFT {:.0} ms); decode {decode:.1} tok/s after \
+         {prompt_tokens}, {decode_long:.1} after {long_prompt} ({:.2}x)",
+        ttft * 1e3,
+        decode_long / decode
     );
+    eprintln!(
+        "  load {load_s:.2} s (peak {:.2}x resident), peak RSS {peak:.0} MiB",
+        load_peak / resident
+    );
+    eprintln!(
+        "  {:.0} MB read per token, read bandwidth {:.1} GB/s: ceiling {ceiling:.1} tok/s, decode at {:.0}% of it \
+         (Pi 4 at 5.5 GB/s: {:.1} tok/s, Pi 5 at 10 GB/s: {:.1} tok/s at that share)",
+        bytes_short / 1e6,
+        bandwidth / 1e9,
+        100.0 * share,
+        pi(5.5),
+        pi(10.0)
+    );
+    if !contention.is_null() {
+        eprintln!(
+            "  one core busy: 1 thread {:.1} tok/s, {threads} threads {:.1} tok/s ({:.2}x)",
+            contention["decode_1_thread"].as_f64().unwrap(),
+            contention["decode_all_threads"].as_f64().unwrap(),
+            contention["ratio"].as_f64().unwrap()
+        );
+    }
 }

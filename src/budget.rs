@@ -2,9 +2,9 @@
 //! start, and the process's resident size for `status`.
 //!
 //! Weights count as resident, mapped or not: every decode step reads all of them. The embedding table is the
-//! exception: it is memory-mapped, one row is read per token, and the engine hands the touched rows back after
-//! each request (`engine::weights`), so it counts as the rows one request can touch, per slot. KV memory is what
-//! the cache allocates (whole pages, in the configured format).
+//! exception: the engine reads it a row per token from the file (`engine::weights`), so none of it is resident
+//! (unless the output layer shares it). KV memory is what the cache allocates (whole pages, in the configured
+//! format).
 
 use std::path::Path;
 
@@ -14,15 +14,11 @@ use crate::meta::{ModelMeta, DATA_FILE, ONNX_FILE};
 /// Allowance for the runtime beyond weights and KV cache: tokenizer, tract's plan and scratch, the daemon.
 pub const RUNTIME_OVERHEAD_BYTES: u64 = 64 << 20;
 
-const PAGE_BYTES: u64 = 4096;
-
 /// What a model is expected to hold resident, by part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryEstimate {
-    /// Weights read by every forward pass (the ONNX graph and its external data, less a mapped embedding table).
+    /// Weights read by every forward pass (the ONNX graph and its external data, less the embedding table).
     pub weights: u64,
-    /// Resident rows of the mapped embedding table, per slot (one request's tokens at most).
-    pub embedding_per_slot: u64,
     /// KV cache of one slot at full context.
     pub kv_per_slot: u64,
     pub slots: usize,
@@ -45,19 +41,10 @@ impl MemoryEstimate {
         };
         let a = &meta.architecture;
         let table = crate::onnx::inspect::lookup_only_table_bytes(&dir.join(ONNX_FILE))?;
-        let row = if a.vocab_size > 0 {
-            table / a.vocab_size as u64
-        } else {
-            0
-        };
-        // A row that straddles pages touches one more; one request touches at most a context's worth.
-        let row_pages = row.div_ceil(PAGE_BYTES) + 1;
-        let embedding = (meta.context_length as u64 * row_pages * PAGE_BYTES).min(table);
         let positions = meta.context_length.div_ceil(PAGE) * PAGE;
         let kv_bytes = 2 * a.layers * a.kv_heads * a.head_dim * positions * kv.bytes();
         Ok(MemoryEstimate {
             weights: (size(ONNX_FILE)? + data).saturating_sub(table),
-            embedding_per_slot: if table > 0 { embedding } else { 0 },
             kv_per_slot: kv_bytes as u64,
             slots,
             overhead: RUNTIME_OVERHEAD_BYTES,
@@ -65,9 +52,7 @@ impl MemoryEstimate {
     }
 
     pub fn total(&self) -> u64 {
-        self.weights
-            + (self.kv_per_slot + self.embedding_per_slot) * self.slots as u64
-            + self.overhead
+        self.weights + self.kv_per_slot * self.slots as u64 + self.overhead
     }
 
     /// `Ok` when the estimate fits `budget`, else a sentence with the numbers and what to change.
@@ -76,14 +61,13 @@ impl MemoryEstimate {
             return Ok(());
         }
         Err(format!(
-            "the model needs about {} ({} weights + {} slot(s) x ({} KV cache + {} embedding rows) + {} runtime) but \
+            "the model needs about {} ({} weights + {} slot(s) x {} KV cache + {} runtime) but \
              the memory budget is {}: raise [budget] memory_bytes, use fewer [engine] slots, use [model] kv_cache = \
              \"f16\", or use a smaller model",
             mib(self.total()),
             mib(self.weights),
             self.slots,
             mib(self.kv_per_slot),
-            mib(self.embedding_per_slot),
             mib(self.overhead),
             mib(budget)
         ))
@@ -108,7 +92,7 @@ pub struct KvModel {
 impl KvModel {
     pub fn for_estimate(e: &MemoryEstimate, context: usize) -> KvModel {
         KvModel {
-            base: e.weights + e.overhead + e.embedding_per_slot * e.slots as u64,
+            base: e.weights + e.overhead,
             per_token: e.kv_per_slot / context.max(1) as u64,
             slots: e.slots,
         }
@@ -143,7 +127,6 @@ mod tests {
     fn an_estimate_over_budget_says_what_to_change() {
         let e = MemoryEstimate {
             weights: 3 << 30,
-            embedding_per_slot: 0,
             kv_per_slot: 600 << 20,
             slots: 2,
             overhead: RUNTIME_OVERHEAD_BYTES,

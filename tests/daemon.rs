@@ -497,7 +497,8 @@ fn heat_pauses_local_inference_and_cooling_with_hysteresis_resumes_it() {
     let s = c.status();
     assert_eq!(s["budget"]["directive"]["threads"], (full / 2).max(1));
     assert_eq!(
-        s["budget"]["directive"]["prefill_chunk"], 64,
+        s["budget"]["directive"]["prefill_chunk"],
+        bitnetd::governor::policy::WARM_PREFILL_CHUNK,
         "smaller prefill batches"
     );
     assert_eq!(
@@ -619,12 +620,15 @@ fn a_flood_stays_under_the_memory_budget_and_every_request_is_answered() {
 
 #[test]
 fn a_cgroup_limit_below_the_budget_refuses_requests_whose_kv_cache_cannot_fit() {
-    // The default model: weights (model.onnx + data; the mapped embedding table counts as the rows one request
-    // can touch, here all of it) + 64 MiB runtime, then 1.5 KiB of f16 KV cache per token: 768 KiB holds 512.
+    // The default model's weights (less the embedding table, read by rows) + 64 MiB runtime, then 1.5 KiB of f16
+    // KV cache per token: 768 KiB more hold 512 tokens.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
-    let size = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
-    let base = size("model.onnx") + size("model.onnx.data") + (64 << 20);
-    let limit = base + (3 << 18);
+    let meta = bitnetd::meta::ModelMeta::read(&dir).unwrap();
+    let e =
+        bitnetd::budget::MemoryEstimate::for_model(&dir, &meta, 1, bitnetd::engine::KvFormat::F16)
+            .unwrap();
+    assert_eq!(e.kv_per_slot / meta.context_length as u64, 1536);
+    let limit = e.weights + e.overhead + (3 << 18);
     let d = Daemon::start("[budget]\nsample_ms = 50\n");
     let board = d.board();
     std::fs::create_dir_all(board.join("proc/self")).unwrap();

@@ -1,15 +1,18 @@
 //! The KV cache of one attention layer of one session: keys and values in pages of [`PAGE`] positions, stored as
-//! f32 or f16 ([`KvFormat`]), appended in place (nothing is ever copied or regrown) and read a page at a time.
+//! f32 or f16 ([`KvFormat`]), appended in place (never regrown) and read a page at a time.
 //!
-//! A page holds, for each KV head, `PAGE` rows of `head_dim` keys, then the same for values, so that one head's
-//! keys over a page are contiguous. Attention jobs read the cache through a [`KvView`], a snapshot of the pages
+//! A page holds, for each KV head, its keys dimension-major (`[head_dim][PAGE]`: a query's scores against a
+//! run of keys are then plain vector products with no horizontal sums), then for each KV head its values
+//! position-major (`[PAGE][head_dim]`: weighted values accumulate along the head dimension). Attention jobs read the cache through a [`KvView`], a snapshot of the pages
 //! and the length; pages are shared by `Arc`, so a view taken by a job that outlives its step (see
-//! `crate::team`) keeps what it reads alive. The cache only ever writes positions at or past its length, which
-//! no view reads, so appending never races with readers.
+//! `crate::team`) keeps what it reads alive. The cache writes a page only while no view holds it; a page still
+//! held (by a late helper) is copied first, so appending never races with readers.
 
-use std::cell::UnsafeCell;
 use std::sync::Arc;
 
+use memmap2::MmapMut;
+
+pub use crate::kernels::attention::Rows;
 use crate::kernels::f16;
 
 /// Positions per page.
@@ -66,20 +69,53 @@ impl std::fmt::Display for KvFormat {
     }
 }
 
-enum Values {
-    F32(Box<[f32]>),
-    F16(Box<[u16]>),
-}
-
-/// One page of keys and values.
+/// One page of keys and values: its own anonymous mapping, so that a session's cache goes back to the system
+/// when the session ends (from the allocator's heap it would stay with the process, pinned between other
+/// allocations). Page-aligned, so it can be seen as f32 or u16 values.
 struct Page {
-    data: UnsafeCell<Values>,
+    data: MmapMut,
 }
 
-// SAFETY: the cache writes only positions at or past its length, views read only positions below the length
-// they were taken at, and a page's allocation never changes after creation (see the module docs).
-unsafe impl Sync for Page {}
-unsafe impl Send for Page {}
+impl Page {
+    fn new(bytes: usize) -> Page {
+        // Zeroed by the kernel; an allocation failure is an out-of-memory like any other.
+        Page {
+            data: MmapMut::map_anon(bytes).expect("mapping a KV cache page"),
+        }
+    }
+
+    fn f32s(&self) -> &[f32] {
+        // SAFETY: page-aligned, and every bit pattern is an f32.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast(), self.data.len() / 4) }
+    }
+
+    fn f16s(&self) -> &[u16] {
+        // SAFETY: page-aligned, and every bit pattern is a u16.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast(), self.data.len() / 2) }
+    }
+
+    fn f32s_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as `f32s`, with the exclusive borrow of the mapping.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.data.as_mut_ptr().cast(), self.data.len() / 4)
+        }
+    }
+
+    fn f16s_mut(&mut self) -> &mut [u16] {
+        // SAFETY: as `f16s`, with the exclusive borrow of the mapping.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.data.as_mut_ptr().cast(), self.data.len() / 2)
+        }
+    }
+}
+
+impl Clone for Page {
+    fn clone(&self) -> Page {
+        let mut p = Page::new(self.data.len());
+        p.data.copy_from_slice(&self.data);
+        p
+    }
+}
 
 /// The shape of a layer's cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,10 +130,18 @@ impl KvShape {
         2 * self.kv_heads * PAGE * self.head_dim
     }
 
-    /// Offset of (key or value, head, row) inside a page.
-    fn offset(&self, value: bool, head: usize, row: usize) -> usize {
-        let half = self.kv_heads * PAGE * self.head_dim;
-        usize::from(value) * half + (head * PAGE + row) * self.head_dim
+    fn page_bytes(&self) -> usize {
+        self.page_values() * self.format.bytes()
+    }
+
+    /// Offset of head `head`'s keys (`[head_dim][PAGE]`) inside a page.
+    fn keys_offset(&self, head: usize) -> usize {
+        head * self.head_dim * PAGE
+    }
+
+    /// Offset of head `head`'s values (`[PAGE][head_dim]`) inside a page.
+    fn values_offset(&self, head: usize) -> usize {
+        (self.kv_heads + head) * self.head_dim * PAGE
     }
 
     /// Bytes one position takes in one layer (keys and values of every KV head).
@@ -141,30 +185,38 @@ impl KvCache {
     pub fn append(&mut self, keys: &[f32], values: &[f32], n: usize) {
         let (kvh, hd) = (self.shape.kv_heads, self.shape.head_dim);
         assert!(keys.len() == n * kvh * hd && values.len() == n * kvh * hd);
+        let mut bits = vec![0u16; hd];
         for t in 0..n {
             let pos = self.len + t;
             let (page, row) = (pos / PAGE, pos % PAGE);
             while self.pages.len() <= page {
-                self.pages.push(Arc::new(new_page(self.shape)));
+                self.pages
+                    .push(Arc::new(Page::new(self.shape.page_bytes())));
             }
-            let p = &self.pages[page];
+            // Copied first if a view still holds it (only a job that outlived its step does).
+            let p = Arc::make_mut(&mut self.pages[page]);
             for h in 0..kvh {
-                for (value, src) in [(false, keys), (true, values)] {
-                    let src = &src[(t * kvh + h) * hd..(t * kvh + h + 1) * hd];
-                    let off = self.shape.offset(value, h, row);
-                    // SAFETY: position `pos` is at or past `len`, so no view reads it (module docs); the range is
-                    // inside the page (`offset` of a row below PAGE, `hd` values).
-                    unsafe {
-                        match &mut *p.data.get() {
-                            Values::F32(v) => {
-                                std::slice::from_raw_parts_mut(v.as_mut_ptr().add(off), hd)
-                                    .copy_from_slice(src)
-                            }
-                            Values::F16(v) => f16::from_f32(
-                                src,
-                                std::slice::from_raw_parts_mut(v.as_mut_ptr().add(off), hd),
-                            ),
+                let k = &keys[(t * kvh + h) * hd..(t * kvh + h + 1) * hd];
+                let v = &values[(t * kvh + h) * hd..(t * kvh + h + 1) * hd];
+                let (ko, vo) = (
+                    self.shape.keys_offset(h),
+                    self.shape.values_offset(h) + row * hd,
+                );
+                match self.shape.format {
+                    KvFormat::F32 => {
+                        let dst = p.f32s_mut();
+                        for (d, &x) in k.iter().enumerate() {
+                            dst[ko + d * PAGE + row] = x;
                         }
+                        dst[vo..vo + hd].copy_from_slice(v);
+                    }
+                    KvFormat::F16 => {
+                        let dst = p.f16s_mut();
+                        f16::from_f32(k, &mut bits);
+                        for (d, &b) in bits.iter().enumerate() {
+                            dst[ko + d * PAGE + row] = b;
+                        }
+                        f16::from_f32(v, &mut dst[vo..vo + hd]);
                     }
                 }
             }
@@ -184,25 +236,13 @@ impl KvCache {
 
 impl Clone for KvCache {
     fn clone(&self) -> Self {
-        let pages = self
-            .pages
-            .iter()
-            .map(|p| {
-                // SAFETY: read only; writes need `&mut self`, which a shared borrow rules out.
-                let data = unsafe {
-                    match &*p.data.get() {
-                        Values::F32(v) => Values::F32(v.clone()),
-                        Values::F16(v) => Values::F16(v.clone()),
-                    }
-                };
-                Arc::new(Page {
-                    data: UnsafeCell::new(data),
-                })
-            })
-            .collect();
         KvCache {
             shape: self.shape,
-            pages,
+            pages: self
+                .pages
+                .iter()
+                .map(|p| Arc::new(Page::clone(p)))
+                .collect(),
             len: self.len,
         }
     }
@@ -211,16 +251,6 @@ impl Clone for KvCache {
 impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "KvCache({} positions, {:?})", self.len, self.shape)
-    }
-}
-
-fn new_page(shape: KvShape) -> Page {
-    let n = shape.page_values();
-    Page {
-        data: UnsafeCell::new(match shape.format {
-            KvFormat::F32 => Values::F32(vec![0f32; n].into_boxed_slice()),
-            KvFormat::F16 => Values::F16(vec![0u16; n].into_boxed_slice()),
-        }),
     }
 }
 
@@ -251,27 +281,26 @@ impl KvView {
         self.len.saturating_sub(page * PAGE).min(PAGE)
     }
 
-    /// Keys (`value == false`) or values of KV head `head` over the visible rows of page `page`, as f32 rows of
-    /// `head_dim`: borrowed from an f32 cache, converted into `scratch` (`PAGE * head_dim` values) from f16.
-    pub fn rows<'a>(
-        &'a self,
-        value: bool,
-        head: usize,
-        page: usize,
-        scratch: &'a mut [f32],
-    ) -> &'a [f32] {
+    /// Head `head`'s keys in page `page`: `[head_dim][PAGE]` (rows past [`KvView::rows_in`] are zero).
+    pub fn keys(&self, head: usize, page: usize) -> Rows<'_> {
+        self.slice(
+            page,
+            self.shape.keys_offset(head),
+            self.shape.head_dim * PAGE,
+        )
+    }
+
+    /// Head `head`'s values in page `page`: the visible rows of `[PAGE][head_dim]`.
+    pub fn values(&self, head: usize, page: usize) -> Rows<'_> {
         let n = self.rows_in(page) * self.shape.head_dim;
-        let off = self.shape.offset(value, head, 0);
-        // SAFETY: rows below `len` are never written again (module docs); the range lies in the page.
-        unsafe {
-            match &*self.pages[page].data.get() {
-                Values::F32(v) => std::slice::from_raw_parts(v.as_ptr().add(off), n),
-                Values::F16(v) => {
-                    let src = std::slice::from_raw_parts(v.as_ptr().add(off), n);
-                    f16::to_f32(src, &mut scratch[..n]);
-                    &scratch[..n]
-                }
-            }
+        self.slice(page, self.shape.values_offset(head), n)
+    }
+
+    fn slice(&self, page: usize, off: usize, n: usize) -> Rows<'_> {
+        let p = &self.pages[page];
+        match self.shape.format {
+            KvFormat::F32 => Rows::F32(&p.f32s()[off..off + n]),
+            KvFormat::F16 => Rows::F16(&p.f16s()[off..off + n]),
         }
     }
 }
@@ -302,22 +331,34 @@ mod tests {
             assert_eq!(c.bytes(), 2 * shape.page_values() * format.bytes());
             let view = c.view();
             let (keys, values) = ([k1, k2].concat(), [v1, v2].concat());
-            let mut scratch = vec![0f32; PAGE * 8];
+            let stored = |r: Rows<'_>| -> Vec<f32> {
+                match r {
+                    Rows::F32(v) => v.to_vec(),
+                    Rows::F16(v) => v
+                        .iter()
+                        .map(|&b| half::f16::from_bits(b).to_f32())
+                        .collect(),
+                }
+            };
+            let rounded = |w: f32| match format {
+                KvFormat::F32 => w,
+                KvFormat::F16 => half::f16::from_f32(w).to_f32(),
+            };
             for head in 0..2 {
                 for page in 0..2 {
-                    for (value, src) in [(false, &keys), (true, &values)] {
-                        let got = view.rows(value, head, page, &mut scratch).to_vec();
-                        assert_eq!(got.len(), view.rows_in(page) * 8);
-                        for (r, row) in got.chunks(8).enumerate() {
-                            let pos = page * PAGE + r;
-                            let want = &src[(pos * 2 + head) * 8..(pos * 2 + head + 1) * 8];
-                            for (&g, &w) in row.iter().zip(want) {
-                                let w = match format {
-                                    KvFormat::F32 => w,
-                                    KvFormat::F16 => half::f16::from_f32(w).to_f32(),
-                                };
-                                assert_eq!(g, w, "{format} {pos}");
-                            }
+                    let k = stored(view.keys(head, page));
+                    let v = stored(view.values(head, page));
+                    assert_eq!(v.len(), view.rows_in(page) * 8);
+                    for r in 0..view.rows_in(page) {
+                        let pos = page * PAGE + r;
+                        for d in 0..8 {
+                            let i = (pos * 2 + head) * 8 + d;
+                            assert_eq!(k[d * PAGE + r], rounded(keys[i]), "{format} key {pos} {d}");
+                            assert_eq!(
+                                v[r * 8 + d],
+                                rounded(values[i]),
+                                "{format} value {pos} {d}"
+                            );
                         }
                     }
                 }

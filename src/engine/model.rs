@@ -18,7 +18,7 @@ use super::ops::linear::FusedLinear;
 use super::prepare::{self, PrepareOptions};
 use super::request::{GenerateParams, Prompt, ValidatedRequest};
 use super::session::Session;
-use super::weights::{WeightResidency, Weights};
+use super::weights::WeightResidency;
 use super::EngineError;
 use crate::kernels::Kernel;
 use crate::meta::{ModelMeta, ONNX_FILE, TOKENIZER_FILE};
@@ -69,7 +69,7 @@ pub struct PlanSummary {
     /// Bytes of weights a forward pass reads once per token (the products), and whether they are mapped.
     pub product_bytes: u64,
     pub products_mapped: bool,
-    /// Bytes of the embedding table (mapped; a row per token is read).
+    /// Bytes of the embedding table (read a row per token from the file, never resident).
     pub embedding_bytes: u64,
 }
 
@@ -82,7 +82,6 @@ pub struct Model {
     pub(crate) slots: InputSlots,
     chat: Option<ChatTemplate>,
     summary: PlanSummary,
-    embedding: Option<Arc<Weights>>,
     /// The forward passes' helpers (`threads - 1` of them).
     pub(crate) team: Arc<Team>,
     /// Threads in use now.
@@ -140,11 +139,6 @@ impl Model {
             .and_then(|m| m.into_optimized())
             .map_err(|e| err(format!("{e:#}")))?;
         let summary = summarize(&typed).map_err(err)?;
-        let embedding = typed
-            .nodes()
-            .iter()
-            .find_map(|n| n.op_as::<Lookup>())
-            .map(|l| l.weights().clone());
         let slots = input_slots(&typed).map_err(err)?;
         let plan = typed
             .into_runnable_with_options(&RunOptions::default())
@@ -164,7 +158,6 @@ impl Model {
             slots,
             chat,
             summary,
-            embedding,
             team: Arc::new(team),
             threads: AtomicUsize::new(opts.threads),
             max_threads: opts.threads,
@@ -222,12 +215,9 @@ impl Model {
         n
     }
 
-    /// Hands the embedding rows read so far back to the page cache (see [`Weights::release`]); the engine calls
-    /// it after each request so that the table's resident size stays that of one request.
-    pub fn release_cold_pages(&self) {
-        if let Some(e) = &self.embedding {
-            e.release();
-        }
+    /// What the worker team has done so far (jobs, chunks, chunks taken over from late helpers).
+    pub fn team_totals(&self) -> crate::team::TeamTotals {
+        self.team.totals()
     }
 
     /// Tokenizes text. `special` adds the tokenizer's special tokens (BOS), as transformers' `tokenizer(text)`.
@@ -321,7 +311,7 @@ fn summarize(model: &TypedModel) -> Result<PlanSummary, String> {
             .nodes()
             .iter()
             .filter_map(|n| n.op_as::<Lookup>())
-            .map(|l| l.weights().bytes().len() as u64)
+            .map(|l| l.weights().len() as u64)
             .sum(),
     })
 }

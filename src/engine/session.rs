@@ -14,7 +14,7 @@ use super::{EngineError, Model};
 
 /// Prompt tokens fed to the model per step during prefill (bounds activation memory); the most
 /// [`crate::engine::Model::set_prefill_chunk`] allows.
-pub const PREFILL_CHUNK: usize = 256;
+pub const PREFILL_CHUNK: usize = 128;
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

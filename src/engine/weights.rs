@@ -10,17 +10,20 @@
 //! - [`WeightResidency::Loaded`]: the bytes are read into anonymous memory (transparent huge pages where the kernel
 //!   offers them: fewer TLB misses when a decode step streams every weight).
 //!
-//! The embedding table is always mapped: one row is read per token, and [`Weights::release`] hands the touched
-//! rows back to the page cache after each request, so its resident size stays that of one request's tokens.
+//! The embedding table is read a row at a time from the file ([`Weights::rows`]): one row per token, so none of
+//! it is resident in the process (a mapping would keep every touched page, and the kernel's fault-around maps
+//! 64 KiB around each); the page cache keeps what is read often.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use std::os::unix::fs::FileExt;
+
 use memmap2::{Advice, Mmap, MmapMut};
 
-/// How the weights of the products are held (the embedding table is always [`WeightResidency::Mapped`]).
+/// How the weights of the products are held (the embedding table is read by rows, see [`Weights::rows`]).
 #[derive(
     Debug,
     Clone,
@@ -80,8 +83,16 @@ pub enum WeightsError {
 }
 
 enum Bytes {
-    Mapped { file: Arc<Mmap>, offset: usize },
+    Mapped {
+        file: Arc<Mmap>,
+        offset: usize,
+    },
     Loaded(MmapMut),
+    /// Read on demand with `pread`.
+    File {
+        file: File,
+        offset: usize,
+    },
 }
 
 /// One weight tensor's bytes.
@@ -155,16 +166,15 @@ impl Weights {
                 Bytes::Mapped { file: map, offset }
             }
             WeightResidency::Loaded => {
+                drop(map);
                 let mut anon = MmapMut::map_anon(len.max(1))
                     .map_err(|source| WeightsError::Io { path: p(), source })?;
                 let _ = anon.advise(Advice::HugePage);
-                anon[..len].copy_from_slice(&map[offset..end]);
-                // The file's pages were only needed for the copy.
-                // SAFETY: the range lies in a read-only file mapping; dropping its pages only means a later read
-                // (there is none from this mapping for this range) would fault them in again.
-                let _ = unsafe {
-                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
-                };
+                // `pread` rather than a copy from the mapping: the file's pages never count in this process.
+                let file =
+                    File::open(path).map_err(|source| WeightsError::Io { path: p(), source })?;
+                file.read_exact_at(&mut anon[..len], offset as u64)
+                    .map_err(|source| WeightsError::Io { path: p(), source })?;
                 Bytes::Loaded(anon)
             }
         };
@@ -175,11 +185,58 @@ impl Weights {
         }))
     }
 
-    /// The bytes.
+    /// `len` bytes at `offset` of the file at `path`, read with `pread` when asked for ([`Weights::read_at`]):
+    /// nothing is held in memory.
+    pub fn rows(path: &Path, offset: usize, len: usize) -> Result<Arc<Weights>, WeightsError> {
+        let io = |source| WeightsError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len() as usize;
+        let end = offset.saturating_add(len);
+        if end > size {
+            return Err(WeightsError::OutOfFile {
+                path: path.display().to_string(),
+                offset,
+                end,
+                size,
+            });
+        }
+        Ok(Arc::new(Weights {
+            bytes: Bytes::File { file, offset },
+            len,
+            path: path.to_path_buf(),
+        }))
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fills `buf` from byte `at` of the weights (panics past their end).
+    pub fn read_at(&self, at: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        assert!(at + buf.len() <= self.len, "read past the weights");
+        match &self.bytes {
+            Bytes::File { file, offset } => file.read_exact_at(buf, (offset + at) as u64),
+            _ => {
+                buf.copy_from_slice(&self.bytes()[at..at + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// The bytes (empty for weights read by rows).
     pub fn bytes(&self) -> &[u8] {
         match &self.bytes {
             Bytes::Mapped { file, offset } => &file[*offset..*offset + self.len],
             Bytes::Loaded(m) => &m[..self.len],
+            Bytes::File { .. } => &[],
         }
     }
 
@@ -203,18 +260,6 @@ impl Weights {
     /// Whether the bytes are file-backed.
     pub fn is_mapped(&self) -> bool {
         matches!(self.bytes, Bytes::Mapped { .. })
-    }
-
-    /// Hands the touched pages of a mapped range back to the page cache (they fault in again when read):
-    /// bounds the resident size of tables read a row at a time. No-op for loaded weights.
-    pub fn release(&self) {
-        if let Bytes::Mapped { file, offset } = &self.bytes {
-            // SAFETY: a read-only file mapping: its pages are re-read from the page cache on the next access, so
-            // nothing observable changes for readers.
-            let _ = unsafe {
-                file.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *offset, self.len)
-            };
-        }
     }
 }
 
@@ -245,9 +290,13 @@ mod tests {
             let w = Weights::open(&path, 64, 4000, 64, residency).unwrap();
             assert_eq!(w.as_f32().unwrap(), &values[..]);
             assert_eq!(w.is_mapped(), residency == WeightResidency::Mapped);
-            w.release();
-            assert_eq!(w.as_f32().unwrap()[999], 499.5, "released pages read back");
         }
+        let rows = Weights::rows(&path, 64, 4000).unwrap();
+        assert!(rows.bytes().is_empty() && !rows.is_mapped());
+        let mut b = [0u8; 8];
+        rows.read_at(3992, &mut b).unwrap();
+        assert_eq!(b[4..], 499.5f32.to_le_bytes());
+        assert!(Weights::rows(&path, 64, 4001).is_err());
         let w = Weights::open(&path, 0, 64, 1, WeightResidency::Mapped).unwrap();
         assert_eq!(w.bytes(), &[7u8; 64][..]);
         assert!(matches!(

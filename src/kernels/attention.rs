@@ -1,12 +1,37 @@
-//! Attention arithmetic in f32: the online softmax over one block of keys and values for a tile of queries
-//! (flash-attention's update, exact up to rounding), and the merge of partial results over disjoint key ranges
-//! (flash-decoding). Keys and values arrive as f32 rows (an f16 cache converts a page at a time first).
+//! Attention arithmetic in f32 over an f32 or f16 KV cache: the online softmax update of a tile of queries by one
+//! page of keys and values (flash-attention's update, exact up to rounding), and the merge of partial results
+//! over disjoint key ranges (flash-decoding).
 //!
-//! The loops are written for the compiler to vectorize; [`update`] is compiled twice on x86_64, once with AVX2
-//! and FMA, and picks at run time.
+//! A page's keys are dimension-major (`[head_dim][stride]`) and its values position-major (`[n][head_dim]`), as
+//! `engine::kv` stores them. Scores for sixteen keys are then sixteen lanes of vector products, each key and
+//! value is loaded (and converted from f16) once for the whole tile of queries, and nothing needs a horizontal
+//! sum. Paths: AVX2 + FMA + F16C on x86_64, NEON on aarch64 (f16 through `fcvtl`, in every ARMv8 core), and a
+//! portable one; all three give the same results up to the order of additions.
 
 /// A query tile: up to this many queries share each key and value load.
 pub const QUERY_TILE: usize = 4;
+/// Keys scored together (and so the granularity of a page's key columns).
+pub const KEY_BLOCK: usize = 16;
+/// Head dimensions handled per pass over the values.
+const DIM_BLOCK: usize = 16;
+/// The most keys one update takes (a KV cache page).
+pub const MAX_KEYS: usize = 64;
+
+/// Stored keys or values: f32, or f16 bit patterns.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32(v) => v.len(),
+            Rows::F16(v) => v.len(),
+        }
+    }
+}
 
 /// Running softmax state of one query over the keys seen so far: the largest score `m`, the sum `l` of
 /// `exp(score - m)`, and `acc`, the sum of values weighted by `exp(score - m)` (`head_dim` values).
@@ -78,88 +103,79 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// One block of keys for a tile of queries.
-pub struct Block<'a> {
-    /// `[n][head_dim]` keys and values.
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+/// One page of keys and values of one KV head.
+pub struct Page<'a> {
+    /// `[head_dim][stride]`: the key of position `j` at column `j`; columns up to `n` rounded up to
+    /// [`KEY_BLOCK`] must exist.
+    pub keys: Rows<'a>,
+    /// `[n][head_dim]`.
+    pub values: Rows<'a>,
     pub n: usize,
+    pub stride: usize,
     pub head_dim: usize,
     /// Score multiplier (`1/sqrt(head_dim)`).
     pub scale: f32,
 }
 
-/// Folds `block` into the states of up to [`QUERY_TILE`] queries: query `i` (`head_dim` values at
-/// `queries[i]`) sees the first `visible[i]` keys of the block. `scores` is scratch of `QUERY_TILE * block.n`.
-pub fn update(
-    queries: &[&[f32]],
-    visible: &[usize],
-    block: &Block<'_>,
-    states: &mut [&mut Softmax],
-    scores: &mut [f32],
-) {
-    assert!(queries.len() <= QUERY_TILE && queries.len() == visible.len());
-    assert_eq!(states.len(), queries.len());
-    assert!(scores.len() >= QUERY_TILE * block.n);
-    assert!(block.keys.len() >= block.n * block.head_dim);
-    assert!(block.values.len() >= block.n * block.head_dim);
-    assert!(queries.iter().all(|q| q.len() == block.head_dim));
-    assert!(visible.iter().all(|&v| v <= block.n));
+/// Folds `page` into the states of up to [`QUERY_TILE`] queries: query `i` (`head_dim` values at `queries[i]`)
+/// sees the page's first `visible[i]` keys.
+pub fn update(queries: &[&[f32]], visible: &[usize], page: &Page<'_>, states: &mut [&mut Softmax]) {
+    let (n, hd) = (page.n, page.head_dim);
+    assert!(!queries.is_empty() && queries.len() <= QUERY_TILE);
+    assert!(queries.len() == visible.len() && states.len() == queries.len());
+    assert!(n <= MAX_KEYS && n <= page.stride && visible.iter().all(|&v| v <= n));
+    assert!(queries.iter().all(|q| q.len() == hd) && states.iter().all(|s| s.acc.len() == hd));
+    assert!(page.keys.len() >= (hd - 1) * page.stride + n.div_ceil(KEY_BLOCK) * KEY_BLOCK);
+    assert!(n.div_ceil(KEY_BLOCK) * KEY_BLOCK <= page.stride);
+    assert!(page.values.len() >= n * hd);
+    let simd = hd.is_multiple_of(DIM_BLOCK);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: features detected; shapes checked above.
-        return unsafe { update_avx2(queries, visible, block, states, scores) };
+    if simd
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: features detected; bounds asserted above.
+        return unsafe { x86::update(queries, visible, page, states) };
     }
-    update_body(queries, visible, block, states, scores)
+    #[cfg(target_arch = "aarch64")]
+    if simd {
+        // SAFETY: NEON is part of every aarch64 CPU; bounds asserted above.
+        return unsafe { arm::update(queries, visible, page, states) };
+    }
+    let _ = simd;
+    portable::update(queries, visible, page, states)
 }
 
-/// # Safety
-/// AVX2 and FMA must be available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn update_avx2(
-    queries: &[&[f32]],
-    visible: &[usize],
-    block: &Block<'_>,
-    states: &mut [&mut Softmax],
-    scores: &mut [f32],
-) {
-    update_body(queries, visible, block, states, scores)
-}
-
+/// The softmax step between scores and values: turns `scores[i][..n]` into weights `exp(s - m)` (zero past
+/// `visible[i]`) and updates each state's `m`, `l` and the scale of its `acc`.
 #[inline(always)]
-fn update_body(
-    queries: &[&[f32]],
+fn softmax_step(
+    scores: &mut [[f32; MAX_KEYS]; QUERY_TILE],
+    n: usize,
     visible: &[usize],
-    block: &Block<'_>,
     states: &mut [&mut Softmax],
-    scores: &mut [f32],
 ) {
-    let (n, hd) = (block.n, block.head_dim);
-    let nq = queries.len();
-    let most = visible.iter().copied().max().unwrap_or(0);
-    // Scores: each key row is loaded once for every query of the tile.
-    for j in 0..most {
-        let k = &block.keys[j * hd..(j + 1) * hd];
-        for (i, q) in queries.iter().enumerate() {
-            scores[i * n + j] = dot(q, k) * block.scale;
-        }
-    }
-    for i in 0..nq {
+    for (i, st) in states.iter_mut().enumerate() {
+        let s = &mut scores[i];
         let vis = visible[i];
         if vis == 0 {
+            s[..n].fill(0.0);
             continue;
         }
-        let s = &mut scores[i * n..i * n + vis];
-        let st = &mut *states[i];
-        let m = s.iter().fold(st.m, |m, &v| m.max(v));
-        let correction = exp(st.m - m);
-        let mut sum = 0f32;
-        for v in s.iter_mut() {
+        let m = s[..vis].iter().fold(st.m, |m, &v| m.max(v));
+        for v in s[..vis].iter_mut() {
             *v = exp(*v - m);
-            sum += *v;
         }
-        st.l = st.l * correction + sum;
+        s[vis..n].fill(0.0);
+        let mut lanes = [0f32; 8];
+        for c in s[..n].chunks(8) {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l += v;
+            }
+        }
+        let correction = exp(st.m - m);
+        st.l = st.l * correction + lanes.iter().sum::<f32>();
         st.m = m;
         if correction != 1.0 {
             for a in st.acc.iter_mut() {
@@ -167,44 +183,257 @@ fn update_body(
             }
         }
     }
-    // Weighted values, sixteen dimensions at a time held in registers over the whole block.
-    for d0 in (0..hd).step_by(16) {
-        let w = (hd - d0).min(16);
-        for i in 0..nq {
-            let vis = visible[i];
-            let mut acc = [0f32; 16];
-            acc[..w].copy_from_slice(&states[i].acc[d0..d0 + w]);
-            for j in 0..vis {
-                let p = scores[i * n + j];
-                let v = &block.values[j * hd + d0..j * hd + d0 + w];
-                for (a, &x) in acc.iter_mut().zip(v) {
-                    *a += p * x;
+}
+
+mod portable {
+    use super::*;
+
+    fn key(r: Rows<'_>, i: usize) -> f32 {
+        match r {
+            Rows::F32(v) => v[i],
+            Rows::F16(v) => half::f16::from_bits(v[i]).to_f32(),
+        }
+    }
+
+    pub(super) fn update(
+        queries: &[&[f32]],
+        visible: &[usize],
+        page: &Page<'_>,
+        states: &mut [&mut Softmax],
+    ) {
+        let (n, hd) = (page.n, page.head_dim);
+        let mut scores = [[0f32; MAX_KEYS]; QUERY_TILE];
+        for (i, q) in queries.iter().enumerate() {
+            for (j, score) in scores[i][..n].iter_mut().enumerate() {
+                let mut s = 0f32;
+                for (d, &qd) in q.iter().enumerate() {
+                    s += qd * key(page.keys, d * page.stride + j);
+                }
+                *score = s * page.scale;
+            }
+        }
+        softmax_step(&mut scores, n, visible, states);
+        for (i, st) in states.iter_mut().enumerate() {
+            for (j, &p) in scores[i][..visible[i]].iter().enumerate() {
+                for (d, a) in st.acc.iter_mut().enumerate() {
+                    *a += p * key(page.values, j * hd + d);
                 }
             }
-            states[i].acc[d0..d0 + w].copy_from_slice(&acc[..w]);
         }
     }
 }
 
-/// `Σ a[i] b[i]` over sixteen lanes.
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Eight values from `p`, as f32.
+    ///
+    /// # Safety
+    /// Eight values readable at `i`; F16C available.
+    #[inline(always)]
+    unsafe fn load8(r: Rows<'_>, i: usize) -> __m256 {
+        unsafe {
+            match r {
+                Rows::F32(v) => _mm256_loadu_ps(v.as_ptr().add(i)),
+                Rows::F16(v) => {
+                    _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i))
+                }
+            }
         }
     }
-    let mut s = 0f32;
-    for i in 0..8 {
-        s += acc[i] + acc[i + 8];
+
+    /// # Safety
+    /// AVX2, FMA and F16C available; the bounds `super::update` asserts.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn update(
+        queries: &[&[f32]],
+        visible: &[usize],
+        page: &Page<'_>,
+        states: &mut [&mut Softmax],
+    ) {
+        unsafe {
+            match queries.len() {
+                1 => tile::<1>(queries, visible, page, states),
+                2 => tile::<2>(queries, visible, page, states),
+                3 => tile::<3>(queries, visible, page, states),
+                _ => tile::<4>(queries, visible, page, states),
+            }
+        }
     }
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+
+    #[inline(always)]
+    unsafe fn tile<const Q: usize>(
+        queries: &[&[f32]],
+        visible: &[usize],
+        page: &Page<'_>,
+        states: &mut [&mut Softmax],
+    ) {
+        let (n, hd, stride) = (page.n, page.head_dim, page.stride);
+        let mut scores = [[0f32; MAX_KEYS]; QUERY_TILE];
+        unsafe {
+            let scale = _mm256_set1_ps(page.scale);
+            for j in (0..n).step_by(KEY_BLOCK) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; Q];
+                for d in 0..hd {
+                    let k0 = load8(page.keys, d * stride + j);
+                    let k1 = load8(page.keys, d * stride + j + 8);
+                    for q in 0..Q {
+                        let b = _mm256_set1_ps(*queries[q].get_unchecked(d));
+                        acc[q][0] = _mm256_fmadd_ps(b, k0, acc[q][0]);
+                        acc[q][1] = _mm256_fmadd_ps(b, k1, acc[q][1]);
+                    }
+                }
+                for q in 0..Q {
+                    let s = scores[q].as_mut_ptr().add(j);
+                    _mm256_storeu_ps(s, _mm256_mul_ps(acc[q][0], scale));
+                    _mm256_storeu_ps(s.add(8), _mm256_mul_ps(acc[q][1], scale));
+                }
+            }
+            softmax_step(&mut scores, n, visible, states);
+            let most = visible.iter().copied().max().unwrap_or(0);
+            for d0 in (0..hd).step_by(DIM_BLOCK) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; Q];
+                for q in 0..Q {
+                    let a = states[q].acc.as_ptr().add(d0);
+                    acc[q] = [_mm256_loadu_ps(a), _mm256_loadu_ps(a.add(8))];
+                }
+                for j in 0..most {
+                    let v0 = load8(page.values, j * hd + d0);
+                    let v1 = load8(page.values, j * hd + d0 + 8);
+                    for q in 0..Q {
+                        let p = _mm256_set1_ps(*scores[q].get_unchecked(j));
+                        acc[q][0] = _mm256_fmadd_ps(p, v0, acc[q][0]);
+                        acc[q][1] = _mm256_fmadd_ps(p, v1, acc[q][1]);
+                    }
+                }
+                for q in 0..Q {
+                    let a = states[q].acc.as_mut_ptr().add(d0);
+                    _mm256_storeu_ps(a, acc[q][0]);
+                    _mm256_storeu_ps(a.add(8), acc[q][1]);
+                }
+            }
+        }
     }
-    s
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    use super::*;
+
+    /// Eight values at `i`, as two f32 vectors.
+    ///
+    /// # Safety
+    /// Eight values readable at `i`.
+    #[inline(always)]
+    unsafe fn load8(r: Rows<'_>, i: usize) -> (float32x4_t, float32x4_t) {
+        unsafe {
+            match r {
+                Rows::F32(v) => (
+                    vld1q_f32(v.as_ptr().add(i)),
+                    vld1q_f32(v.as_ptr().add(i + 4)),
+                ),
+                Rows::F16(v) => {
+                    let h = vld1q_u16(v.as_ptr().add(i));
+                    let (lo, hi): (float32x4_t, float32x4_t);
+                    asm!(
+                        "fcvtl {lo:v}.4s, {h:v}.4h",
+                        "fcvtl2 {hi:v}.4s, {h:v}.8h",
+                        h = in(vreg) h,
+                        lo = out(vreg) lo,
+                        hi = out(vreg) hi,
+                        options(pure, nomem, nostack, preserves_flags)
+                    );
+                    (lo, hi)
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The bounds `super::update` asserts.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn update(
+        queries: &[&[f32]],
+        visible: &[usize],
+        page: &Page<'_>,
+        states: &mut [&mut Softmax],
+    ) {
+        unsafe {
+            match queries.len() {
+                1 => tile::<1>(queries, visible, page, states),
+                2 => tile::<2>(queries, visible, page, states),
+                3 => tile::<3>(queries, visible, page, states),
+                _ => tile::<4>(queries, visible, page, states),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<const Q: usize>(
+        queries: &[&[f32]],
+        visible: &[usize],
+        page: &Page<'_>,
+        states: &mut [&mut Softmax],
+    ) {
+        let (n, hd, stride) = (page.n, page.head_dim, page.stride);
+        let mut scores = [[0f32; MAX_KEYS]; QUERY_TILE];
+        unsafe {
+            for j in (0..n).step_by(KEY_BLOCK) {
+                let mut acc = [[vdupq_n_f32(0.0); 4]; Q];
+                for d in 0..hd {
+                    let (k0, k1) = load8(page.keys, d * stride + j);
+                    let (k2, k3) = load8(page.keys, d * stride + j + 8);
+                    for q in 0..Q {
+                        let b = vdupq_n_f32(*queries[q].get_unchecked(d));
+                        acc[q][0] = vfmaq_f32(acc[q][0], b, k0);
+                        acc[q][1] = vfmaq_f32(acc[q][1], b, k1);
+                        acc[q][2] = vfmaq_f32(acc[q][2], b, k2);
+                        acc[q][3] = vfmaq_f32(acc[q][3], b, k3);
+                    }
+                }
+                for q in 0..Q {
+                    let s = scores[q].as_mut_ptr().add(j);
+                    for (k, a) in acc[q].iter().enumerate() {
+                        vst1q_f32(s.add(4 * k), vmulq_n_f32(*a, page.scale));
+                    }
+                }
+            }
+            softmax_step(&mut scores, n, visible, states);
+            let most = visible.iter().copied().max().unwrap_or(0);
+            for d0 in (0..hd).step_by(DIM_BLOCK) {
+                let mut acc = [[vdupq_n_f32(0.0); 4]; Q];
+                for q in 0..Q {
+                    let a = states[q].acc.as_ptr().add(d0);
+                    for (k, v) in acc[q].iter_mut().enumerate() {
+                        *v = vld1q_f32(a.add(4 * k));
+                    }
+                }
+                for j in 0..most {
+                    let (v0, v1) = load8(page.values, j * hd + d0);
+                    let (v2, v3) = load8(page.values, j * hd + d0 + 8);
+                    for q in 0..Q {
+                        let p = vdupq_n_f32(*scores[q].get_unchecked(j));
+                        acc[q][0] = vfmaq_f32(acc[q][0], p, v0);
+                        acc[q][1] = vfmaq_f32(acc[q][1], p, v1);
+                        acc[q][2] = vfmaq_f32(acc[q][2], p, v2);
+                        acc[q][3] = vfmaq_f32(acc[q][3], p, v3);
+                    }
+                }
+                for q in 0..Q {
+                    let a = states[q].acc.as_mut_ptr().add(d0);
+                    for (k, v) in acc[q].iter().enumerate() {
+                        vst1q_f32(a.add(4 * k), *v);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -224,7 +453,7 @@ mod tests {
         assert!(exp(f32::NEG_INFINITY) < 1e-37);
     }
 
-    /// Softmax attention computed directly, in f64.
+    /// Softmax attention computed directly, in f64, over row-major keys.
     fn reference(
         q: &[f32],
         keys: &[f32],
@@ -260,63 +489,123 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn blocks_and_merged_ranges_give_softmax_attention() {
-        let (hd, n) = (40, 37);
-        let keys = data(n * hd, 1);
-        let values = data(n * hd, 2);
-        let qs: Vec<Vec<f32>> = (0..3).map(|i| data(hd, 10 + i)).collect();
-        let scale = 1.0 / (hd as f32).sqrt();
-        // Query i sees the first 37, 20 and 1 keys, fed in two blocks of 16 and 21 keys.
-        let visible_total = [37usize, 20, 1];
-        let mut states: Vec<Softmax> = (0..3).map(|_| Softmax::new(hd)).collect();
-        let mut scores = vec![0f32; QUERY_TILE * n];
-        for (start, len) in [(0usize, 16usize), (16, 21)] {
-            let block = Block {
-                keys: &keys[start * hd..],
-                values: &values[start * hd..],
-                n: len,
-                head_dim: hd,
-                scale,
-            };
-            let vis: Vec<usize> = visible_total
-                .iter()
-                .map(|&v| v.saturating_sub(start).min(len))
-                .collect();
-            let q: Vec<&[f32]> = qs.iter().map(|q| &q[..]).collect();
-            let mut st: Vec<&mut Softmax> = states.iter_mut().collect();
-            update(&q, &vis, &block, &mut st, &mut scores);
-        }
-        for i in 0..3 {
-            let want = reference(&qs[i], &keys, &values, visible_total[i], hd, scale);
-            let mut got = vec![0f32; hd];
-            states[i].write_output(&mut got);
+    /// Keys in the page layout: `[hd][stride]`, f32 and f16 (rounded the same way for the reference).
+    fn pages(
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+        hd: usize,
+        stride: usize,
+    ) -> (Vec<f32>, Vec<u16>, Vec<f32>, Vec<u16>) {
+        let mut kt = vec![0f32; hd * stride];
+        for j in 0..n {
             for d in 0..hd {
-                assert!(
-                    (got[d] - want[d]).abs() < 1e-5,
-                    "query {i} dim {d}: {} vs {}",
-                    got[d],
-                    want[d]
-                );
+                kt[d * stride + j] = keys[j * hd + d];
             }
         }
-        // The same over two separately computed key ranges, merged.
-        let block = |s: usize, len: usize| Block {
-            keys: &keys[s * hd..],
-            values: &values[s * hd..],
-            n: len,
-            head_dim: hd,
-            scale,
+        let bits = |v: &[f32]| {
+            v.iter()
+                .map(|&x| half::f16::from_f32(x).to_bits())
+                .collect::<Vec<u16>>()
         };
-        let (mut a, mut b) = (Softmax::new(hd), Softmax::new(hd));
-        update(&[&qs[0]], &[16], &block(0, 16), &mut [&mut a], &mut scores);
-        update(&[&qs[0]], &[21], &block(16, 21), &mut [&mut b], &mut scores);
-        a.merge(b.m, b.l, &b.acc);
-        let mut got = vec![0f32; hd];
-        a.write_output(&mut got);
-        let want = reference(&qs[0], &keys, &values, n, hd, scale);
-        for d in 0..hd {
-            assert!((got[d] - want[d]).abs() < 1e-5);
+        (kt.clone(), bits(&kt), values.to_vec(), bits(values))
+    }
+
+    fn round16(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+    }
+
+    /// Every path (the one this CPU takes, and the portable one) against the reference: two pages of 16 and 21
+    /// keys, three queries seeing 37, 20 and 1 keys, head dims that take the vector path (32) and that do not
+    /// (40), f32 and f16 storage; and merging two key ranges computed apart.
+    #[test]
+    fn pages_and_merged_ranges_give_softmax_attention() {
+        for hd in [32usize, 40] {
+            let n = 37;
+            let keys = data(n * hd, 1);
+            let values = data(n * hd, 2);
+            let qs: Vec<Vec<f32>> = (0..3).map(|i| data(hd, 10 + i)).collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let total = [37usize, 20, 1];
+            for f16 in [false, true] {
+                for portable_path in [false, true] {
+                    let mut states: Vec<Softmax> = (0..3).map(|_| Softmax::new(hd)).collect();
+                    for (start, len) in [(0usize, 16usize), (16, 21)] {
+                        let (kt, kt16, v, v16) =
+                            pages(&keys[start * hd..], &values[start * hd..], len, hd, 32);
+                        let page = Page {
+                            keys: if f16 {
+                                Rows::F16(&kt16)
+                            } else {
+                                Rows::F32(&kt)
+                            },
+                            values: if f16 {
+                                Rows::F16(&v16[..len * hd])
+                            } else {
+                                Rows::F32(&v[..len * hd])
+                            },
+                            n: len,
+                            stride: 32,
+                            head_dim: hd,
+                            scale,
+                        };
+                        let vis: Vec<usize> = total
+                            .iter()
+                            .map(|&t| t.saturating_sub(start).min(len))
+                            .collect();
+                        let q: Vec<&[f32]> = qs.iter().map(|q| &q[..]).collect();
+                        let mut st: Vec<&mut Softmax> = states.iter_mut().collect();
+                        if portable_path {
+                            portable::update(&q, &vis, &page, &mut st);
+                        } else {
+                            update(&q, &vis, &page, &mut st);
+                        }
+                    }
+                    let (k, v) = if f16 {
+                        (round16(&keys), round16(&values))
+                    } else {
+                        (keys.clone(), values.clone())
+                    };
+                    for i in 0..3 {
+                        let want = reference(&qs[i], &k, &v, total[i], hd, scale);
+                        let mut got = vec![0f32; hd];
+                        states[i].write_output(&mut got);
+                        for d in 0..hd {
+                            assert!(
+                                (got[d] - want[d]).abs() < 1e-5,
+                                "hd {hd} f16 {f16} portable {portable_path} query {i} dim {d}: {} vs {}",
+                                got[d],
+                                want[d]
+                            );
+                        }
+                    }
+                }
+            }
+            // Two key ranges computed apart, merged.
+            let mut parts = vec![];
+            for (start, len) in [(0usize, 16usize), (16, 21)] {
+                let (kt, _, v, _) = pages(&keys[start * hd..], &values[start * hd..], len, hd, 32);
+                let page = Page {
+                    keys: Rows::F32(&kt),
+                    values: Rows::F32(&v[..len * hd]),
+                    n: len,
+                    stride: 32,
+                    head_dim: hd,
+                    scale,
+                };
+                let mut s = Softmax::new(hd);
+                update(&[&qs[0]], &[len], &page, &mut [&mut s]);
+                parts.push(s);
+            }
+            let b = parts.pop().unwrap();
+            let mut a = parts.pop().unwrap();
+            a.merge(b.m, b.l, &b.acc);
+            let mut got = vec![0f32; hd];
+            a.write_output(&mut got);
+            let want = reference(&qs[0], &keys, &values, n, hd, scale);
+            for d in 0..hd {
+                assert!((got[d] - want[d]).abs() < 1e-5);
+            }
         }
     }
 }

@@ -152,9 +152,30 @@ fn f32_rows_body(
     for row in rows {
         let wr = &w[row * k..(row + 1) * k];
         for (i, x) in xs.iter().enumerate() {
-            put(row, i, super::attention::dot(wr, x));
+            put(row, i, dot(wr, x));
         }
     }
+}
+
+/// `Σ a[i] b[i]` over sixteen lanes (the compiler vectorizes it for the target it is compiled for).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0f32;
+    for i in 0..8 {
+        s += acc[i] + acc[i + 8];
+    }
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
 }
 
 /// Visits `rows` in panels, and inside each panel every tile of `M_TILE` activation rows.

@@ -21,7 +21,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::ATTR_KV_FORMAT;
 use crate::engine::kv::{KvCache, KvFormat, KvShape, KvView, PAGE};
-use crate::kernels::attention::{self as attn, Block, Softmax, QUERY_TILE};
+use crate::kernels::attention::{self as attn, Page, Softmax, QUERY_TILE};
 use crate::team::{self, Job, Region, RegionMut};
 
 /// Query tokens per chunk when attending for a prompt.
@@ -329,9 +329,6 @@ fn attend(
     let Inputs { c, q, view, past } = inputs;
     let past = *past;
     let (hd, group) = (c.head_dim, c.group());
-    let mut kbuf = vec![0f32; PAGE * hd];
-    let mut vbuf = vec![0f32; PAGE * hd];
-    let mut scores = vec![0f32; QUERY_TILE * PAGE];
     let nq = tokens.len() * group;
     for page in pages {
         let n = view.rows_in(page);
@@ -339,12 +336,11 @@ fn attend(
             break;
         }
         let start = page * PAGE;
-        let keys = view.rows(false, g, page, &mut kbuf);
-        let values = view.rows(true, g, page, &mut vbuf);
-        let block = Block {
-            keys,
-            values,
+        let block = Page {
+            keys: view.keys(g, page),
+            values: view.values(g, page),
             n,
+            stride: PAGE,
             head_dim: hd,
             scale: c.scale,
         };
@@ -363,7 +359,7 @@ fn attend(
                 continue;
             }
             let mut st: Vec<&mut Softmax> = states[tile..end].iter_mut().collect();
-            attn::update(&qs, &visible, &block, &mut st, &mut scores);
+            attn::update(&qs, &visible, &block, &mut st);
         }
     }
 }

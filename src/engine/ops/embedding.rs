@@ -1,6 +1,6 @@
 //! `Embedding(input_ids, table)` and `Int8Embedding(input_ids, table, scale)`: the token lookup, reading one row
-//! per token from the memory-mapped table (f16, f32, or int8 with one scale per row) into f32 `[1, S, hidden]`.
-//! Ids outside the vocabulary are an error.
+//! per token from the model's data file (`pread`; the table is never resident) in f16, f32, or int8 with one scale
+//! per row, into f32 `[1, S, hidden]`. Ids outside the vocabulary are an error.
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use super::{node_weights, ATTR_WEIGHT_DIMS, ATTR_WEIGHT_DTYPE, INT8_EMBEDDING};
+use super::{node_rows, ATTR_WEIGHT_DIMS, ATTR_WEIGHT_DTYPE, INT8_EMBEDDING};
 use crate::engine::weights::Weights;
 use crate::kernels::f16;
 
@@ -53,13 +53,13 @@ pub(crate) fn parse(
             node.op_type
         ),
     };
-    let weights = node_weights(ctx, node, table.bytes(), true)?;
+    let weights = node_rows(ctx, node)?;
     let (vocab, hidden) = (dims[0], dims[1]);
     ensure!(
-        weights.bytes().len() == vocab * hidden * table.bytes(),
+        weights.len() == vocab * hidden * table.bytes(),
         "{}: the table has {} bytes, not {vocab}×{hidden}",
         node.name,
-        weights.bytes().len()
+        weights.len()
     );
     Ok((
         expand(EmbeddingExpansion(Lookup {
@@ -136,7 +136,7 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    /// The table's bytes (for releasing touched pages, see [`Weights::release`]).
+    /// The table, read by rows.
     pub fn weights(&self) -> &Arc<Weights> {
         &self.weights
     }
@@ -182,6 +182,7 @@ impl EvalOp for Lookup {
         let mut out = Tensor::zero::<f32>(&shape)?;
         let mut op = out.try_as_plain_ram_mut()?;
         let dst = op.as_slice_mut::<f32>()?;
+        let mut raw = Vec::new();
         for (t, &id) in ids.iter().enumerate() {
             ensure!(
                 (0..self.vocab as i64).contains(&id),
@@ -189,20 +190,28 @@ impl EvalOp for Lookup {
                 self.vocab
             );
             let (id, row) = (id as usize, &mut dst[t * h..(t + 1) * h]);
+            let size = self.table.bytes();
+            raw.resize(h * size, 0);
+            self.weights
+                .read_at(id * h * size, &mut raw)
+                .with_context(|| format!("reading embedding row {id}"))?;
             match self.table {
                 TableType::F16 => {
-                    let table = self.weights.as_u16().context("f16 table")?;
-                    f16::to_f32(&table[id * h..(id + 1) * h], row);
+                    let bits: Vec<u16> = raw
+                        .chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .collect();
+                    f16::to_f32(&bits, row);
                 }
                 TableType::F32 => {
-                    let table = self.weights.as_f32().context("f32 table")?;
-                    row.copy_from_slice(&table[id * h..(id + 1) * h]);
+                    for (d, b) in row.iter_mut().zip(raw.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
                 }
                 TableType::Int8 => {
-                    let table = self.weights.as_i8();
                     let s = self.scale.as_ref().context("row scales")?[id];
-                    for (d, &q) in row.iter_mut().zip(&table[id * h..(id + 1) * h]) {
-                        *d = q as f32 * s;
+                    for (d, &q) in row.iter_mut().zip(&raw) {
+                        *d = q as i8 as f32 * s;
                     }
                 }
             }

@@ -55,7 +55,7 @@ pub(crate) fn parse(
         WeightFormat::Int8 => (n * k, 1),
         WeightFormat::F32 => (n * k * 4, 4),
     };
-    let weights = node_weights(ctx, node, align, false)?;
+    let weights = node_weights(ctx, node, align)?;
     ensure!(
         weights.bytes().len() == expected,
         "{}: {} bytes of weights, {n}×{k} {:?} weights take {expected}",

@@ -163,29 +163,38 @@ impl LinearSpec {
     }
 }
 
-/// The weights the loader left a reference to on `node` (see `engine::prepare`), aligned to `align` bytes.
-/// `mapped` forces a file mapping whatever the node asks (the embedding table).
-pub(crate) fn node_weights(
+/// Where the weights the loader took off `node` are: (file, offset, length) (see `engine::prepare`).
+fn weight_location(
     ctx: &ParsingContext,
     node: &NodeProto,
-    align: usize,
-    mapped: bool,
-) -> TractResult<Arc<Weights>> {
+) -> TractResult<(std::path::PathBuf, usize, usize)> {
     let location: String = node
         .get_attr(ATTR_WEIGHT_LOCATION)
         .with_context(|| format!("{}: weights not prepared by bitnetd's loader", node.name))?;
     let offset: usize = node.get_attr(ATTR_WEIGHT_OFFSET)?;
     let length: usize = node.get_attr(ATTR_WEIGHT_LENGTH)?;
-    let residency = if mapped {
-        WeightResidency::Mapped
-    } else {
-        let name: String = node.get_attr(ATTR_RESIDENCY)?;
-        WeightResidency::parse(&name).with_context(|| format!("weight residency {name:?}"))?
-    };
     let dir = ctx.model_dir.context("the model directory is unknown")?;
-    let path = std::path::Path::new(dir).join(location);
+    Ok((std::path::Path::new(dir).join(location), offset, length))
+}
+
+/// The weights of a product node, aligned to `align` bytes, held as the node says.
+pub(crate) fn node_weights(
+    ctx: &ParsingContext,
+    node: &NodeProto,
+    align: usize,
+) -> TractResult<Arc<Weights>> {
+    let (path, offset, length) = weight_location(ctx, node)?;
+    let name: String = node.get_attr(ATTR_RESIDENCY)?;
+    let residency =
+        WeightResidency::parse(&name).with_context(|| format!("weight residency {name:?}"))?;
     Weights::open(&path, offset, length, align, residency)
         .with_context(|| format!("weights of {}", node.name))
+}
+
+/// The weights of a table node, read by rows from the file.
+pub(crate) fn node_rows(ctx: &ParsingContext, node: &NodeProto) -> TractResult<Arc<Weights>> {
+    let (path, offset, length) = weight_location(ctx, node)?;
+    Weights::rows(&path, offset, length).with_context(|| format!("table of {}", node.name))
 }
 
 /// Registers every op with a tract ONNX parser.
