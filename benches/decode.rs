@@ -10,11 +10,13 @@
 //! - peak RSS over the whole run (it includes the long context's KV cache), and the load's peak against the
 //!   resident size after loading;
 //! - the bytes one decode step reads (weights and KV cache), this machine's read bandwidth with the same threads
-//!   (measured last, so that its buffer is not in the peak), the bandwidth ceiling and decode's share of it, and
-//!   what a Raspberry Pi 4 (5.5 GB/s) and Pi 5 (10 GB/s) would reach at the same share;
-//! - with `--contended`: decode on 1 thread and on all threads while another process keeps one core busy, and
-//!   their ratio (more threads must never be slower on a busy board);
-//! - with `--sweep`: one decode step's time after 64, 256, 1024, ... cached tokens.
+//!   (measured by a child process, so that its buffer is not in the peak, right before each decode run: the
+//!   share of the ceiling pairs the best run with the bandwidth of its own moment, on a host whose bandwidth
+//!   varies by half from minute to minute), the bandwidth ceiling and decode's share of it, and what a
+//!   Raspberry Pi 4 (5.5 GB/s) and Pi 5 (10 GB/s) allow: their ceilings, and their speed at the same share;
+//! - with `--contended`: decode (160 tokens or more) on 1 thread and on all threads while another process keeps
+//!   one core busy, and their ratio (more threads must never be slower on a busy board);
+//! - with `--sweep`: one decode step's time after 64, 128, 256, ... cached tokens.
 //!
 //! Without --model it uses the default model. For the 2B-4T shape:
 //!   python3 models/make_synthetic.py /tmp/syn2b4t
@@ -93,14 +95,38 @@ fn run(m: &Arc<Model>, ids: &[u32], tokens: usize) -> (f64, f64, f64) {
     )
 }
 
-/// Best of `runs`: (prefill tok/s, TTFT s, decode tok/s).
-fn best(m: &Arc<Model>, ids: &[u32], tokens: usize, runs: usize) -> (f64, f64, f64) {
-    let mut b = (0f64, f64::MAX, 0f64);
+/// Best of `runs`: (prefill tok/s, TTFT s, decode tok/s, and the read bandwidth measured right before the best
+/// decode run when `threads` is given).
+fn best(
+    m: &Arc<Model>,
+    ids: &[u32],
+    tokens: usize,
+    runs: usize,
+    threads: Option<usize>,
+) -> (f64, f64, f64, f64) {
+    let mut b = (0f64, f64::MAX, 0f64, 0f64);
     for _ in 0..runs {
+        let bw = threads.map_or(0.0, bandwidth_now);
         let (p, t, d) = run(m, ids, tokens);
-        b = (b.0.max(ids.len() as f64 / p), b.1.min(t), b.2.max(d));
+        b.0 = b.0.max(ids.len() as f64 / p);
+        b.1 = b.1.min(t);
+        if d > b.2 {
+            (b.2, b.3) = (d, bw);
+        }
     }
     b
+}
+
+/// The read bandwidth now, measured by a child process (bytes/s).
+fn bandwidth_now(threads: usize) -> f64 {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env("BITNETD_BENCH_BANDWIDTH", threads.to_string())
+        .output()
+        .expect("starting the bandwidth probe");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("the bandwidth probe prints bytes/s")
 }
 
 /// Another process spinning on one core until dropped.
@@ -126,6 +152,10 @@ impl Drop for Busy {
 }
 
 fn main() {
+    if let Ok(threads) = std::env::var("BITNETD_BENCH_BANDWIDTH") {
+        println!("{}", read_bandwidth(threads.parse().unwrap()));
+        return;
+    }
     if std::env::var_os("BITNETD_BENCH_BUSY").is_some() {
         let mut x = 0u64;
         loop {
@@ -172,18 +202,24 @@ fn main() {
     let long_prompt = long_prompt.min(ctx.saturating_sub(tokens + 1));
 
     let short = prompt(&m, prompt_tokens, 0);
-    let (prefill, ttft, decode) = best(&m, &short, tokens, runs);
+    let (prefill, ttft, decode, bandwidth) = best(&m, &short, tokens, runs, Some(threads));
     let long = prompt(&m, long_prompt, 1);
-    let (_, _, decode_long) = best(&m, &long, tokens, runs.min(2));
+    let (_, _, decode_long, _) = best(&m, &long, tokens, runs.min(2), None);
     let peak = status_mib("VmHWM:");
 
     let mut contention = serde_json::Value::Null;
     if contended {
         let _busy = Busy::start();
-        m.set_threads(1);
-        let (_, _, one) = best(&m, &short, tokens, runs);
-        m.set_threads(threads);
-        let (_, _, all) = best(&m, &short, tokens, runs);
+        // Alternating, so that both counts see the same moments of a noisy host; long enough runs that the
+        // session's thread tuner (`engine::tuner`) measures and chooses within each, as it would in the daemon.
+        let (mut one, mut all) = (0f64, 0f64);
+        let tokens = tokens.max(160);
+        for _ in 0..runs {
+            m.set_threads(1);
+            one = one.max(best(&m, &short, tokens, 1, None).2);
+            m.set_threads(threads);
+            all = all.max(best(&m, &short, tokens, 1, None).2);
+        }
         let totals = m.team_totals();
         contention = serde_json::json!({
             "decode_1_thread": one, "decode_all_threads": all, "ratio": all / one,
@@ -207,7 +243,7 @@ fn main() {
                 past.to_string(),
                 (t.elapsed().as_secs_f64() * 1e3 / 8.0).into(),
             );
-            past *= 4;
+            past *= 2;
         }
     }
 
@@ -220,10 +256,10 @@ fn main() {
         step_bytes(prompt_tokens + tokens / 2),
         step_bytes(long_prompt + tokens / 2),
     );
-    let bandwidth = read_bandwidth(threads);
     let ceiling = bandwidth / bytes_short;
     let share = decode / ceiling;
     let pi = |gb_s: f64| share * gb_s * 1e9 / bytes_short;
+    let pi_ceiling = |gb_s: f64| gb_s * 1e9 / bytes_short;
     let out = serde_json::json!({
         "model": m.meta.name, "parameters": m.meta.parameters, "threads": threads,
         "kernel": m.kernel().map(|k| k.name()), "kv_cache": plan.kv.format.name(),
@@ -238,6 +274,7 @@ fn main() {
         "read_bandwidth_gb_s": bandwidth / 1e9, "bandwidth_ceiling_tokens_per_s": ceiling,
         "decode_over_ceiling": share,
         "pi4_tokens_per_s_at_5_5_gb_s": pi(5.5), "pi5_tokens_per_s_at_10_gb_s": pi(10.0),
+        "pi4_ceiling_tokens_per_s": pi_ceiling(5.5), "pi5_ceiling_tokens_per_s": pi_ceiling(10.0),
         "contended": contention, "decode_step_ms_by_context": step_ms,
     });
     println!("{out}");
@@ -265,11 +302,13 @@ fn main() {
     );
     eprintln!(
         "  {:.0} MB read per token, read bandwidth {:.1} GB/s: ceiling {ceiling:.1} tok/s, decode at {:.0}% of it \
-         (Pi 4 at 5.5 GB/s: {:.1} tok/s, Pi 5 at 10 GB/s: {:.1} tok/s at that share)",
+         (Pi 4 at 5.5 GB/s: ceiling {:.1}, {:.1} tok/s at that share; Pi 5 at 10 GB/s: ceiling {:.1}, {:.1} tok/s)",
         bytes_short / 1e6,
         bandwidth / 1e9,
         100.0 * share,
+        pi_ceiling(5.5),
         pi(5.5),
+        pi_ceiling(10.0),
         pi(10.0)
     );
     if !contention.is_null() {

@@ -5,8 +5,11 @@
 //! - [`onnx`]: writing the ONNX graph (builder, BitNet decoder).
 //! - [`export`]: `bitnetd export`, checkpoint directory to model directory.
 //! - [`meta`]: `bitnetd.json`, the metadata beside the ONNX file.
-//! - [`kernels`]: int8 × 2-bit ternary and int8 × int8 products (scalar, AVX2, NEON, NEON dotprod).
-//! - [`engine`]: loading a model, sessions with their KV cache, sampling, chat templates, the engine thread.
+//! - [`kernels`]: int8 × 2-bit ternary and int8 × int8 products (scalar, AVX2, VNNI, NEON, NEON dotprod), the
+//!   linears' prologue, attention over f16/f32 KV pages.
+//! - [`team`]: the worker team that runs each op's parallel part (chunks taken, late chunks taken over).
+//! - [`engine`]: loading a model, bitnetd's tract ops, sessions with their paged KV cache, sampling, chat
+//!   templates, the engine thread.
 //! - [`default_model`]: where the shipped default model lives.
 //! - [`config`]: the TOML configuration, raw then validated.
 //! - [`daemon`]: `bitnetd run`, wiring everything below together under a shutdown token; systemd's `STATUS=` line.

@@ -1,10 +1,11 @@
 //! The KV cache of one attention layer of one session: keys and values in pages of [`PAGE`] positions, stored as
 //! f32 or f16 ([`KvFormat`]), appended in place (never regrown) and read a page at a time.
 //!
-//! A page holds, for each KV head, its keys dimension-major (`[head_dim][PAGE]`: a query's scores against a
-//! run of keys are then plain vector products with no horizontal sums), then for each KV head its values
-//! position-major (`[PAGE][head_dim]`: weighted values accumulate along the head dimension). Attention jobs read the cache through a [`KvView`], a snapshot of the pages
-//! and the length; pages are shared by `Arc`, so a view taken by a job that outlives its step (see
+//! A page holds, for each KV head, its keys, then for each KV head its values, each in the blocked layout the
+//! attention kernels stream (`kernels::attention::key_index` and `value_index`: keys in blocks of 16 positions,
+//! dimension-major inside a block, so that scores are plain vector products with no horizontal sums; values in
+//! blocks of 16 dimensions, position-major inside). Attention jobs read the cache through a [`KvView`], a
+//! snapshot of the pages and the length; pages are shared by `Arc`, so a view taken by a job that outlives its step (see
 //! `crate::team`) keeps what it reads alive. The cache writes a page only while no view holds it; a page still
 //! held (by a late helper) is copied first, so appending never races with readers.
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use memmap2::MmapMut;
 
 pub use crate::kernels::attention::Rows;
+use crate::kernels::attention::{key_index, value_index};
 use crate::kernels::f16;
 
 /// Positions per page.
@@ -134,12 +136,12 @@ impl KvShape {
         self.page_values() * self.format.bytes()
     }
 
-    /// Offset of head `head`'s keys (`[head_dim][PAGE]`) inside a page.
+    /// Offset of head `head`'s keys inside a page.
     fn keys_offset(&self, head: usize) -> usize {
         head * self.head_dim * PAGE
     }
 
-    /// Offset of head `head`'s values (`[PAGE][head_dim]`) inside a page.
+    /// Offset of head `head`'s values inside a page.
     fn values_offset(&self, head: usize) -> usize {
         (self.kv_heads + head) * self.head_dim * PAGE
     }
@@ -185,7 +187,7 @@ impl KvCache {
     pub fn append(&mut self, keys: &[f32], values: &[f32], n: usize) {
         let (kvh, hd) = (self.shape.kv_heads, self.shape.head_dim);
         assert!(keys.len() == n * kvh * hd && values.len() == n * kvh * hd);
-        let mut bits = vec![0u16; hd];
+        let (mut kbits, mut vbits) = (vec![0u16; hd], vec![0u16; hd]);
         for t in 0..n {
             let pos = self.len + t;
             let (page, row) = (pos / PAGE, pos % PAGE);
@@ -198,25 +200,23 @@ impl KvCache {
             for h in 0..kvh {
                 let k = &keys[(t * kvh + h) * hd..(t * kvh + h + 1) * hd];
                 let v = &values[(t * kvh + h) * hd..(t * kvh + h + 1) * hd];
-                let (ko, vo) = (
-                    self.shape.keys_offset(h),
-                    self.shape.values_offset(h) + row * hd,
-                );
+                let (ko, vo) = (self.shape.keys_offset(h), self.shape.values_offset(h));
                 match self.shape.format {
                     KvFormat::F32 => {
                         let dst = p.f32s_mut();
-                        for (d, &x) in k.iter().enumerate() {
-                            dst[ko + d * PAGE + row] = x;
+                        for d in 0..hd {
+                            dst[ko + key_index(row, d, hd)] = k[d];
+                            dst[vo + value_index(row, d, hd, PAGE)] = v[d];
                         }
-                        dst[vo..vo + hd].copy_from_slice(v);
                     }
                     KvFormat::F16 => {
                         let dst = p.f16s_mut();
-                        f16::from_f32(k, &mut bits);
-                        for (d, &b) in bits.iter().enumerate() {
-                            dst[ko + d * PAGE + row] = b;
+                        f16::from_f32(k, &mut kbits);
+                        f16::from_f32(v, &mut vbits);
+                        for d in 0..hd {
+                            dst[ko + key_index(row, d, hd)] = kbits[d];
+                            dst[vo + value_index(row, d, hd, PAGE)] = vbits[d];
                         }
-                        f16::from_f32(v, &mut dst[vo..vo + hd]);
                     }
                 }
             }
@@ -281,7 +281,7 @@ impl KvView {
         self.len.saturating_sub(page * PAGE).min(PAGE)
     }
 
-    /// Head `head`'s keys in page `page`: `[head_dim][PAGE]` (rows past [`KvView::rows_in`] are zero).
+    /// Head `head`'s keys in page `page`, at `key_index` (positions past [`KvView::rows_in`] are zero).
     pub fn keys(&self, head: usize, page: usize) -> Rows<'_> {
         self.slice(
             page,
@@ -290,10 +290,13 @@ impl KvView {
         )
     }
 
-    /// Head `head`'s values in page `page`: the visible rows of `[PAGE][head_dim]`.
+    /// Head `head`'s values in page `page`, at `value_index` for [`PAGE`] positions.
     pub fn values(&self, head: usize, page: usize) -> Rows<'_> {
-        let n = self.rows_in(page) * self.shape.head_dim;
-        self.slice(page, self.shape.values_offset(head), n)
+        self.slice(
+            page,
+            self.shape.values_offset(head),
+            self.shape.head_dim * PAGE,
+        )
     }
 
     fn slice(&self, page: usize, off: usize, n: usize) -> Rows<'_> {
@@ -348,14 +351,18 @@ mod tests {
                 for page in 0..2 {
                     let k = stored(view.keys(head, page));
                     let v = stored(view.values(head, page));
-                    assert_eq!(v.len(), view.rows_in(page) * 8);
+                    assert_eq!((k.len(), v.len()), (PAGE * 8, PAGE * 8));
                     for r in 0..view.rows_in(page) {
                         let pos = page * PAGE + r;
                         for d in 0..8 {
                             let i = (pos * 2 + head) * 8 + d;
-                            assert_eq!(k[d * PAGE + r], rounded(keys[i]), "{format} key {pos} {d}");
                             assert_eq!(
-                                v[r * 8 + d],
+                                k[key_index(r, d, 8)],
+                                rounded(keys[i]),
+                                "{format} key {pos} {d}"
+                            );
+                            assert_eq!(
+                                v[value_index(r, d, 8, PAGE)],
                                 rounded(values[i]),
                                 "{format} value {pos} {d}"
                             );

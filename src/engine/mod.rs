@@ -15,6 +15,7 @@ pub mod request;
 pub mod sampler;
 mod session;
 pub mod text;
+pub mod tuner;
 pub mod weights;
 mod worker;
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokenizers::Tokenizer;
 use tract_onnx::prelude::*;
@@ -18,6 +18,7 @@ use super::ops::linear::FusedLinear;
 use super::prepare::{self, PrepareOptions};
 use super::request::{GenerateParams, Prompt, ValidatedRequest};
 use super::session::Session;
+use super::tuner::ThreadTuner;
 use super::weights::WeightResidency;
 use super::EngineError;
 use crate::kernels::Kernel;
@@ -84,9 +85,11 @@ pub struct Model {
     summary: PlanSummary,
     /// The forward passes' helpers (`threads - 1` of them).
     pub(crate) team: Arc<Team>,
-    /// Threads in use now.
+    /// Threads allowed now.
     threads: AtomicUsize,
     max_threads: usize,
+    /// Decode steps' thread count within the allowance: a property of the board's load, so shared by sessions.
+    pub(crate) tuner: Mutex<ThreadTuner>,
     /// Prompt tokens per prefill step (the governor lowers it when the board runs warm).
     prefill_chunk: AtomicUsize,
 }
@@ -161,6 +164,7 @@ impl Model {
             team: Arc::new(team),
             threads: AtomicUsize::new(opts.threads),
             max_threads: opts.threads,
+            tuner: Mutex::new(ThreadTuner::new(opts.threads)),
             prefill_chunk: AtomicUsize::new(super::PREFILL_CHUNK),
         }))
     }

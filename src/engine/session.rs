@@ -1,5 +1,6 @@
 //! A session: one sequence with its own KV cache (held in the attention ops' state), prefilled in chunks and
-//! decoded one token at a time, each forward pass on the model's worker team.
+//! decoded one token at a time, each forward pass on the model's worker team, with as many threads as the
+//! model allows unless its `ThreadTuner` (`engine::tuner`) measured fewer to be faster.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -117,6 +118,11 @@ pub struct Session {
 impl Session {
     pub(crate) fn new(model: Arc<Model>) -> Result<Self, EngineError> {
         let state = model.plan.spawn().map_err(EngineError::inference)?;
+        model
+            .tuner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .new_sequence();
         Ok(Session {
             model,
             state,
@@ -126,6 +132,11 @@ impl Session {
 
     /// Empties the KV cache.
     pub fn reset(&mut self) -> Result<(), EngineError> {
+        self.model
+            .tuner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .new_sequence();
         self.state = self.model.plan.spawn().map_err(EngineError::inference)?;
         self.past = 0;
         Ok(())
@@ -153,9 +164,19 @@ impl Session {
         inputs[slots.attention_mask] = t(&[1, total], vec![1; total])?.into();
         inputs[slots.position_ids] = t(&[1, n], (self.past as i64..total as i64).collect())?.into();
         let state = &mut self.state;
-        let helpers = self.model.threads() - 1;
-        let out = crate::team::scope(&self.model.team, helpers, || state.run(inputs))
+        let allowed = self.model.threads();
+        let tuner = || self.model.tuner.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = if n == 1 {
+            tuner().threads(allowed)
+        } else {
+            tuner().chosen(allowed)
+        };
+        let started = Instant::now();
+        let out = crate::team::scope(&self.model.team, threads - 1, || state.run(inputs))
             .map_err(EngineError::inference)?;
+        if n == 1 {
+            tuner().record(threads, started.elapsed());
+        }
         self.past = total;
         let logits = out[0]
             .to_plain_array_view::<f32>()

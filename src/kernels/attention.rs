@@ -2,18 +2,21 @@
 //! page of keys and values (flash-attention's update, exact up to rounding), and the merge of partial results
 //! over disjoint key ranges (flash-decoding).
 //!
-//! A page's keys are dimension-major (`[head_dim][stride]`) and its values position-major (`[n][head_dim]`), as
-//! `engine::kv` stores them. Scores for sixteen keys are then sixteen lanes of vector products, each key and
-//! value is loaded (and converted from f16) once for the whole tile of queries, and nothing needs a horizontal
-//! sum. Paths: AVX2 + FMA + F16C on x86_64, NEON on aarch64 (f16 through `fcvtl`, in every ARMv8 core), and a
-//! portable one; all three give the same results up to the order of additions.
+//! A page stores keys and values in blocks laid out in the order the kernels read them ([`key_index`],
+//! [`value_index`]), as `engine::kv` writes them: keys in blocks of [`KEY_BLOCK`] positions, each dimension-major
+//! (`[head_dim][16]`), values in blocks of [`DIM_BLOCK`] dimensions, each position-major (`[stride][16]`). Scores
+//! for sixteen keys are then sixteen lanes of vector products, each key and value is loaded (and converted from
+//! f16) once for the whole tile of queries, nothing needs a horizontal sum, and every pass over a page is one
+//! sequential stream (the prefetchers see a plain run of addresses, not a stride). Paths: AVX2 + FMA + F16C on
+//! x86_64, NEON on aarch64 (f16 through `fcvtl`, in every ARMv8 core), and a portable one; all three give the
+//! same results up to the order of additions.
 
 /// A query tile: up to this many queries share each key and value load.
 pub const QUERY_TILE: usize = 4;
 /// Keys scored together (and so the granularity of a page's key columns).
 pub const KEY_BLOCK: usize = 16;
-/// Head dimensions handled per pass over the values.
-const DIM_BLOCK: usize = 16;
+/// Head dimensions handled per pass over the values (and so the width of a value block).
+pub const DIM_BLOCK: usize = 16;
 /// The most keys one update takes (a KV cache page).
 pub const MAX_KEYS: usize = 64;
 
@@ -103,14 +106,31 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Where dimension `d` of the key at position `j` of a page is stored: blocks of [`KEY_BLOCK`] positions, each
+/// `[head_dim][KEY_BLOCK]`.
+#[inline(always)]
+pub fn key_index(j: usize, d: usize, head_dim: usize) -> usize {
+    (j / KEY_BLOCK) * head_dim * KEY_BLOCK + d * KEY_BLOCK + j % KEY_BLOCK
+}
+
+/// Where dimension `d` of the value at position `j` of a page of `stride` positions is stored: blocks of
+/// [`DIM_BLOCK`] dimensions, each `[stride][width]` (`width` is [`DIM_BLOCK`] but for a last, narrower block
+/// when `head_dim` is not a multiple of it).
+#[inline(always)]
+pub fn value_index(j: usize, d: usize, head_dim: usize, stride: usize) -> usize {
+    let b = d / DIM_BLOCK;
+    let width = DIM_BLOCK.min(head_dim - b * DIM_BLOCK);
+    b * DIM_BLOCK * stride + j * width + d % DIM_BLOCK
+}
+
 /// One page of keys and values of one KV head.
 pub struct Page<'a> {
-    /// `[head_dim][stride]`: the key of position `j` at column `j`; columns up to `n` rounded up to
-    /// [`KEY_BLOCK`] must exist.
+    /// Keys at [`key_index`]; whole key blocks up to `n` must exist.
     pub keys: Rows<'a>,
-    /// `[n][head_dim]`.
+    /// Values at [`value_index`] for `stride` positions (`stride * head_dim` values).
     pub values: Rows<'a>,
     pub n: usize,
+    /// Positions the page has room for (a multiple of [`KEY_BLOCK`]).
     pub stride: usize,
     pub head_dim: usize,
     /// Score multiplier (`1/sqrt(head_dim)`).
@@ -125,9 +145,9 @@ pub fn update(queries: &[&[f32]], visible: &[usize], page: &Page<'_>, states: &m
     assert!(queries.len() == visible.len() && states.len() == queries.len());
     assert!(n <= MAX_KEYS && n <= page.stride && visible.iter().all(|&v| v <= n));
     assert!(queries.iter().all(|q| q.len() == hd) && states.iter().all(|s| s.acc.len() == hd));
-    assert!(page.keys.len() >= (hd - 1) * page.stride + n.div_ceil(KEY_BLOCK) * KEY_BLOCK);
-    assert!(n.div_ceil(KEY_BLOCK) * KEY_BLOCK <= page.stride);
-    assert!(page.values.len() >= n * hd);
+    assert!(page.stride.is_multiple_of(KEY_BLOCK) && n <= page.stride);
+    assert!(page.keys.len() >= n.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd);
+    assert!(page.values.len() >= page.stride * hd);
     let simd = hd.is_multiple_of(DIM_BLOCK);
     #[cfg(target_arch = "x86_64")]
     if simd
@@ -207,7 +227,7 @@ mod portable {
             for (j, score) in scores[i][..n].iter_mut().enumerate() {
                 let mut s = 0f32;
                 for (d, &qd) in q.iter().enumerate() {
-                    s += qd * key(page.keys, d * page.stride + j);
+                    s += qd * key(page.keys, key_index(j, d, hd));
                 }
                 *score = s * page.scale;
             }
@@ -216,7 +236,7 @@ mod portable {
         for (i, st) in states.iter_mut().enumerate() {
             for (j, &p) in scores[i][..visible[i]].iter().enumerate() {
                 for (d, a) in st.acc.iter_mut().enumerate() {
-                    *a += p * key(page.values, j * hd + d);
+                    *a += p * key(page.values, value_index(j, d, hd, page.stride));
                 }
             }
         }
@@ -276,10 +296,11 @@ mod x86 {
         unsafe {
             let scale = _mm256_set1_ps(page.scale);
             for j in (0..n).step_by(KEY_BLOCK) {
+                let block = j * hd;
                 let mut acc = [[_mm256_setzero_ps(); 2]; Q];
                 for d in 0..hd {
-                    let k0 = load8(page.keys, d * stride + j);
-                    let k1 = load8(page.keys, d * stride + j + 8);
+                    let k0 = load8(page.keys, block + d * KEY_BLOCK);
+                    let k1 = load8(page.keys, block + d * KEY_BLOCK + 8);
                     for q in 0..Q {
                         let b = _mm256_set1_ps(*queries[q].get_unchecked(d));
                         acc[q][0] = _mm256_fmadd_ps(b, k0, acc[q][0]);
@@ -300,9 +321,10 @@ mod x86 {
                     let a = states[q].acc.as_ptr().add(d0);
                     acc[q] = [_mm256_loadu_ps(a), _mm256_loadu_ps(a.add(8))];
                 }
+                let block = d0 * stride;
                 for j in 0..most {
-                    let v0 = load8(page.values, j * hd + d0);
-                    let v1 = load8(page.values, j * hd + d0 + 8);
+                    let v0 = load8(page.values, block + j * DIM_BLOCK);
+                    let v1 = load8(page.values, block + j * DIM_BLOCK + 8);
                     for q in 0..Q {
                         let p = _mm256_set1_ps(*scores[q].get_unchecked(j));
                         acc[q][0] = _mm256_fmadd_ps(p, v0, acc[q][0]);
@@ -385,10 +407,11 @@ mod arm {
         let mut scores = [[0f32; MAX_KEYS]; QUERY_TILE];
         unsafe {
             for j in (0..n).step_by(KEY_BLOCK) {
+                let block = j * hd;
                 let mut acc = [[vdupq_n_f32(0.0); 4]; Q];
                 for d in 0..hd {
-                    let (k0, k1) = load8(page.keys, d * stride + j);
-                    let (k2, k3) = load8(page.keys, d * stride + j + 8);
+                    let (k0, k1) = load8(page.keys, block + d * KEY_BLOCK);
+                    let (k2, k3) = load8(page.keys, block + d * KEY_BLOCK + 8);
                     for q in 0..Q {
                         let b = vdupq_n_f32(*queries[q].get_unchecked(d));
                         acc[q][0] = vfmaq_f32(acc[q][0], b, k0);
@@ -414,9 +437,10 @@ mod arm {
                         *v = vld1q_f32(a.add(4 * k));
                     }
                 }
+                let block = d0 * stride;
                 for j in 0..most {
-                    let (v0, v1) = load8(page.values, j * hd + d0);
-                    let (v2, v3) = load8(page.values, j * hd + d0 + 8);
+                    let (v0, v1) = load8(page.values, block + j * DIM_BLOCK);
+                    let (v2, v3) = load8(page.values, block + j * DIM_BLOCK + 8);
                     for q in 0..Q {
                         let p = vdupq_n_f32(*scores[q].get_unchecked(j));
                         acc[q][0] = vfmaq_f32(acc[q][0], p, v0);
@@ -489,7 +513,8 @@ mod tests {
             .collect()
     }
 
-    /// Keys in the page layout: `[hd][stride]`, f32 and f16 (rounded the same way for the reference).
+    /// Keys and values in the page layout (`key_index`, `value_index`), f32 and f16 (rounded the same way for
+    /// the reference).
     fn pages(
         keys: &[f32],
         values: &[f32],
@@ -497,10 +522,11 @@ mod tests {
         hd: usize,
         stride: usize,
     ) -> (Vec<f32>, Vec<u16>, Vec<f32>, Vec<u16>) {
-        let mut kt = vec![0f32; hd * stride];
+        let (mut kt, mut vt) = (vec![0f32; hd * stride], vec![0f32; hd * stride]);
         for j in 0..n {
             for d in 0..hd {
-                kt[d * stride + j] = keys[j * hd + d];
+                kt[key_index(j, d, hd)] = keys[j * hd + d];
+                vt[value_index(j, d, hd, stride)] = values[j * hd + d];
             }
         }
         let bits = |v: &[f32]| {
@@ -508,7 +534,22 @@ mod tests {
                 .map(|&x| half::f16::from_f32(x).to_bits())
                 .collect::<Vec<u16>>()
         };
-        (kt.clone(), bits(&kt), values.to_vec(), bits(values))
+        (kt.clone(), bits(&kt), vt.clone(), bits(&vt))
+    }
+
+    #[test]
+    fn layout_indices_are_a_bijection() {
+        for (hd, stride) in [(32usize, 64usize), (40, 32), (8, 16)] {
+            let (mut keys, mut values) = (vec![false; hd * stride], vec![false; hd * stride]);
+            for j in 0..stride {
+                for d in 0..hd {
+                    let (k, v) = (key_index(j, d, hd), value_index(j, d, hd, stride));
+                    assert!(!keys[k] && !values[v], "({j}, {d}) of hd {hd}");
+                    (keys[k], values[v]) = (true, true);
+                }
+            }
+            assert!(keys.iter().chain(&values).all(|&s| s));
+        }
     }
 
     fn round16(v: &[f32]) -> Vec<f32> {
@@ -539,11 +580,7 @@ mod tests {
                             } else {
                                 Rows::F32(&kt)
                             },
-                            values: if f16 {
-                                Rows::F16(&v16[..len * hd])
-                            } else {
-                                Rows::F32(&v[..len * hd])
-                            },
+                            values: if f16 { Rows::F16(&v16) } else { Rows::F32(&v) },
                             n: len,
                             stride: 32,
                             head_dim: hd,
@@ -587,7 +624,7 @@ mod tests {
                 let (kt, _, v, _) = pages(&keys[start * hd..], &values[start * hd..], len, hd, 32);
                 let page = Page {
                     keys: Rows::F32(&kt),
-                    values: Rows::F32(&v[..len * hd]),
+                    values: Rows::F32(&v),
                     n: len,
                     stride: 32,
                     head_dim: hd,

@@ -3,7 +3,7 @@
 //!
 //! Weight rows are visited in panels: for several activation rows (prefill), each panel is read from memory once
 //! and from cache for every further tile of [`M_TILE`] activation rows, and each unpacked block serves the whole
-//! tile.
+//! tile; kernels with the registers for it take two weight rows per tile ([`Kernel::ternary_dot2`]).
 
 use std::ops::Range;
 
@@ -11,30 +11,37 @@ use super::pack::{TernaryWeights, BLOCK};
 use super::{Kernel, M_TILE};
 
 /// Runs `$call` (an expression over `$x`, an array of activation rows) on the tile `$t` as a fixed-size array,
-/// so that each tile size is its own monomorphized kernel, and stores the results in `$out`.
+/// so that each tile size is its own monomorphized kernel, and hands its result to `$store`.
 macro_rules! tiled {
-    ($t:expr, $out:expr, |$x:ident| $call:expr) => {{
+    ($t:expr, |$x:ident| $call:expr, |$r:ident| $store:expr) => {{
         let t = $t;
         match t.len() {
             1 => {
                 let $x = [t[0]];
-                $out[..1].copy_from_slice(&$call);
+                let $r = $call;
+                $store
             }
             2 => {
                 let $x = [t[0], t[1]];
-                $out[..2].copy_from_slice(&$call);
+                let $r = $call;
+                $store
             }
             3 => {
                 let $x = [t[0], t[1], t[2]];
-                $out[..3].copy_from_slice(&$call);
+                let $r = $call;
+                $store
             }
             _ => {
                 let $x = [t[0], t[1], t[2], t[3]];
-                $out[..4].copy_from_slice(&$call);
+                let $r = $call;
+                $store
             }
         }
     }};
 }
+
+/// Results of one tile: up to two weight rows × [`M_TILE`] activation rows.
+type Tile = [[i32; M_TILE]; 2];
 
 /// Weight rows visited together for every activation tile (64 rows of K = 6912 are 110 KiB packed).
 const ROW_PANEL: usize = 64;
@@ -72,15 +79,27 @@ pub fn ternary_rows(
     assert!(rows.end <= w.rows() && xsum.len() == xs.len());
     let blocks = w.blocks();
     assert!(xs.iter().all(|x| x.len() >= blocks * BLOCK));
-    let dot = |row: usize, t: &[&[i8]], i0: usize, out: &mut [i32; M_TILE]| {
-        let wr = w.row(row);
-        // SAFETY: the kernel is supported and the slices are long enough (asserted above).
-        tiled!(t, out, |x| unsafe { kernel.ternary_dot(wr, x, blocks) });
-        for (i, v) in out.iter_mut().enumerate().take(t.len()) {
-            *v -= xsum[i0 + i];
+    let dot = |row: usize, pair: bool, t: &[&[i8]], i0: usize, out: &mut Tile| {
+        // SAFETY (both calls): the kernel is supported and the slices are long enough (asserted above).
+        if pair {
+            let wr = [w.row(row), w.row(row + 1)];
+            tiled!(t, |x| unsafe { kernel.ternary_dot2(wr, x, blocks) }, |r| {
+                out[0][..r[0].len()].copy_from_slice(&r[0]);
+                out[1][..r[1].len()].copy_from_slice(&r[1]);
+            });
+        } else {
+            let wr = w.row(row);
+            tiled!(t, |x| unsafe { kernel.ternary_dot(wr, x, blocks) }, |r| out
+                [0][..r.len()]
+                .copy_from_slice(&r));
+        }
+        for o in out.iter_mut().take(1 + usize::from(pair)) {
+            for (i, v) in o.iter_mut().enumerate().take(t.len()) {
+                *v -= xsum[i0 + i];
+            }
         }
     };
-    panels(rows, xs, dot, put);
+    panels(rows, xs, kernel.pairs_rows(), dot, put);
 }
 
 /// `put(row, i, Σ_k w[row, k] · xs[i][k])` for int8 weights of `k` columns.
@@ -100,14 +119,16 @@ pub fn int8_rows(
         "kernel {kernel} is not supported by this CPU"
     );
     assert!(rows.end * k <= w.len() && xs.iter().all(|x| x.len() >= k));
-    let dot = |row: usize, t: &[&[i8]], _: usize, out: &mut [i32; M_TILE]| {
+    let dot = |row: usize, _: bool, t: &[&[i8]], _: usize, out: &mut Tile| {
         let wr = &w[row * k..(row + 1) * k];
         // SAFETY: the kernel is supported; every tile row is cut to `k` values.
-        tiled!(t, out, |x| unsafe {
-            kernel.int8_dot(wr, x.map(|x| &x[..k]))
-        });
+        tiled!(
+            t,
+            |x| unsafe { kernel.int8_dot(wr, x.map(|x| &x[..k])) },
+            |r| out[0][..r.len()].copy_from_slice(&r)
+        );
     };
-    panels(rows, xs, dot, put);
+    panels(rows, xs, false, dot, put);
 }
 
 /// `put(row, i, Σ_k w[row, k] · xs[i][k])` for f32 weights of `k` columns.
@@ -178,25 +199,32 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Visits `rows` in panels, and inside each panel every tile of `M_TILE` activation rows.
+/// Visits `rows` in panels, and inside each panel every tile of `M_TILE` activation rows; with `pairs`, two weight
+/// rows at a time for tiles of two or more activation rows (`dot`'s `pair` argument).
 #[inline(always)]
 fn panels(
     rows: Range<usize>,
     xs: &[&[i8]],
-    mut dot: impl FnMut(usize, &[&[i8]], usize, &mut [i32; M_TILE]),
+    pairs: bool,
+    mut dot: impl FnMut(usize, bool, &[&[i8]], usize, &mut Tile),
     mut put: impl FnMut(usize, usize, i32),
 ) {
     let m = xs.len();
-    let mut vals = [0i32; M_TILE];
+    let mut vals: Tile = [[0; M_TILE]; 2];
     for panel in rows.clone().step_by(ROW_PANEL) {
         let panel_end = (panel + ROW_PANEL).min(rows.end);
         for m0 in (0..m).step_by(M_TILE) {
             let t = &xs[m0..(m0 + M_TILE).min(m)];
-            for row in panel..panel_end {
-                dot(row, t, m0, &mut vals);
-                for (i, &v) in vals.iter().enumerate().take(t.len()) {
-                    put(row, m0 + i, v);
+            let mut row = panel;
+            while row < panel_end {
+                let pair = pairs && t.len() >= 2 && row + 1 < panel_end;
+                dot(row, pair, t, m0, &mut vals);
+                for (r, v) in vals.iter().enumerate().take(1 + usize::from(pair)) {
+                    for (i, &v) in v.iter().enumerate().take(t.len()) {
+                        put(row + r, m0 + i, v);
+                    }
                 }
+                row += 1 + usize::from(pair);
             }
         }
     }

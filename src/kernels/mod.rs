@@ -13,7 +13,8 @@
 //!
 //! [`Kernel::detect`] picks the best one at run time. [`ternary_rows`] and [`int8_rows`] compute a range of
 //! output rows on the calling thread (the engine's ops split the rows across their team) and, for several
-//! activation rows (prefill), reuse each unpacked weight block for up to [`M_TILE`] of them.
+//! activation rows (prefill), reuse each unpacked weight block for up to [`M_TILE`] of them; where the registers
+//! allow (VNNI, both NEON kernels), two weight rows share each activation load, a 2 × 4 tile.
 //!
 //! Beside the products: [`act`] (RMSNorm and per-token int8 quantization, the linears' prologue), [`attention`]
 //! (online softmax over blocks of keys), [`f16`] (the KV cache's conversions).
@@ -117,6 +118,11 @@ impl Kernel {
         }
     }
 
+    /// Whether [`Kernel::ternary_dot2`] has a two-row tile of its own (otherwise it runs the rows one by one).
+    pub(crate) fn pairs_rows(self) -> bool {
+        matches!(self, Kernel::Avx512Vnni | Kernel::Neon | Kernel::NeonDot)
+    }
+
     /// The name used in logs, `status` and `BITNETD_KERNEL`.
     pub fn name(self) -> &'static str {
         match self {
@@ -144,11 +150,25 @@ impl Kernel {
     ) -> [i32; M] {
         assert!(w.len() >= blocks * BLOCK_BYTES);
         assert!(xs.iter().all(|x| x.len() >= blocks * BLOCK));
+        // One activation row (decode) has kernels of its own where the tiled ones would be latency-bound.
+        let one = |r: i32| {
+            let mut out = [0i32; M];
+            out[0] = r;
+            out
+        };
         match self {
             Kernel::Scalar => scalar::ternary_dot(w, xs, blocks),
             // SAFETY: lengths checked above, CPU support is the caller's contract.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { x86::ternary_dot_avx2(w, xs, blocks) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni if M == 1 => {
+                one(unsafe { x86::ternary_dot1_vnni(w, xs[0], blocks) })
+            }
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon if M == 1 => one(unsafe { neon::ternary_dot1(w, xs[0], blocks) }),
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDot if M == 1 => one(unsafe { neon::ternary_dot1_sdot(w, xs[0], blocks) }),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => unsafe { x86::ternary_dot_vnni(w, xs, blocks) },
             #[cfg(target_arch = "aarch64")]
@@ -157,6 +177,38 @@ impl Kernel {
             Kernel::NeonDot => unsafe { neon::ternary_dot_sdot(w, xs, blocks) },
             #[allow(unreachable_patterns)]
             _ => unreachable!("kernel {} is not built for this target", self.name()),
+        }
+    }
+
+    /// [`Kernel::ternary_dot`] of two packed rows against the same `M` activation rows: each activation vector
+    /// is loaded once for both rows (prefill, where the product is compute-bound). Kernels without the registers
+    /// for a two-row tile (scalar, AVX2) compute the rows one after the other.
+    ///
+    /// # Safety
+    /// As [`Kernel::ternary_dot`].
+    #[inline]
+    pub(crate) unsafe fn ternary_dot2<const M: usize>(
+        self,
+        w: [&[u8]; 2],
+        xs: [&[i8]; M],
+        blocks: usize,
+    ) -> [[i32; M]; 2] {
+        assert!(w.iter().all(|w| w.len() >= blocks * BLOCK_BYTES));
+        assert!(xs.iter().all(|x| x.len() >= blocks * BLOCK));
+        match self {
+            // SAFETY: lengths checked above, CPU support is the caller's contract.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { x86::ternary_dot2_vnni(w, xs, blocks) },
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => unsafe { neon::ternary_dot2(w, xs, blocks) },
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDot => unsafe { neon::ternary_dot2_sdot(w, xs, blocks) },
+            _ => unsafe {
+                [
+                    self.ternary_dot(w[0], xs, blocks),
+                    self.ternary_dot(w[1], xs, blocks),
+                ]
+            },
         }
     }
 

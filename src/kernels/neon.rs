@@ -98,6 +98,140 @@ pub(super) unsafe fn ternary_dot_sdot<const M: usize>(
     acc.map(|a| vaddvq_s32(a))
 }
 
+/// How far ahead of the block being read the single-row kernels fetch weights (bytes).
+const PREFETCH: usize = 1024;
+
+/// Asks for the cache line at `p` (a hint: it never faults, whatever `p` is).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    // SAFETY: `prfm` only hints the memory system; it does not fault or write.
+    unsafe {
+        asm!("prfm pldl1keep, [{p}]", p = in(reg) p, options(nostack, readonly, preserves_flags))
+    };
+}
+
+/// One activation row (decode) without `dotprod`: four i16 sums per block (each of 2 code vectors, ≤ 4·2·128 =
+/// 1024 per lane) widened into four accumulators, so that no single chain of multiply-accumulates (four cycles
+/// each on a Cortex-A72) paces the loop below the Pi 4's memory bandwidth.
+///
+/// # Safety
+/// As [`ternary_dot`] for one row.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn ternary_dot1(w: &[u8], x: &[i8], blocks: usize) -> i32 {
+    let mut acc = [vdupq_n_s32(0); 4];
+    for b in 0..blocks {
+        // Rows lie one after another and a chunk is a short run of them (see the x86 kernel).
+        if b % 2 == 0 {
+            prefetch(w.as_ptr().wrapping_add(b * BLOCK_BYTES + PREFETCH));
+        }
+        let codes = unsafe { unpack(w.as_ptr().add(b * BLOCK_BYTES)) };
+        let xp = x[b * BLOCK..].as_ptr();
+        let mut s = [vdupq_n_s16(0); 4];
+        for (i, c) in codes.iter().enumerate() {
+            let xv = unsafe { vld1q_s8(xp.add(16 * i)) };
+            s[i % 4] = vmlal_s8(s[i % 4], vget_low_s8(*c), vget_low_s8(xv));
+            s[i % 4] = vmlal_high_s8(s[i % 4], *c, xv);
+        }
+        for (a, s) in acc.iter_mut().zip(s) {
+            *a = vpadalq_s16(*a, s);
+        }
+    }
+    let [a, b, c, d] = acc;
+    vaddvq_s32(vaddq_s32(vaddq_s32(a, b), vaddq_s32(c, d)))
+}
+
+/// One activation row with `sdot`: one accumulator per code vector, so that each takes one `sdot` per block.
+///
+/// # Safety
+/// `dotprod` must be available; as [`ternary_dot`] for one row.
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn ternary_dot1_sdot(w: &[u8], x: &[i8], blocks: usize) -> i32 {
+    let mut acc = [vdupq_n_s32(0); 8];
+    for b in 0..blocks {
+        if b % 2 == 0 {
+            prefetch(w.as_ptr().wrapping_add(b * BLOCK_BYTES + PREFETCH));
+        }
+        let codes = unsafe { unpack(w.as_ptr().add(b * BLOCK_BYTES)) };
+        let xp = x[b * BLOCK..].as_ptr();
+        for (i, (a, c)) in acc.iter_mut().zip(codes).enumerate() {
+            *a = unsafe { sdot(*a, c, vld1q_s8(xp.add(16 * i))) };
+        }
+    }
+    let mut sum = vdupq_n_s32(0);
+    for a in acc {
+        sum = vaddq_s32(sum, a);
+    }
+    vaddvq_s32(sum)
+}
+
+/// Two weight rows × `M` activation rows: both rows' codes stay in registers (16 of the 32) while each activation
+/// vector is loaded once for both.
+///
+/// # Safety
+/// As [`ternary_dot`], for both rows.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn ternary_dot2<const M: usize>(
+    w: [&[u8]; 2],
+    xs: [&[i8]; M],
+    blocks: usize,
+) -> [[i32; M]; 2] {
+    let mut acc = [[vdupq_n_s32(0); M]; 2];
+    for b in 0..blocks {
+        // SAFETY: in bounds by the caller's contract.
+        let c = unsafe {
+            [
+                unpack(w[0].as_ptr().add(b * BLOCK_BYTES)),
+                unpack(w[1].as_ptr().add(b * BLOCK_BYTES)),
+            ]
+        };
+        for m in 0..M {
+            let xp = xs[m][b * BLOCK..].as_ptr();
+            let (mut s0, mut s1) = (vdupq_n_s16(0), vdupq_n_s16(0));
+            for (i, (&c0, &c1)) in c[0].iter().zip(&c[1]).enumerate() {
+                let x = unsafe { vld1q_s8(xp.add(16 * i)) };
+                s0 = vmlal_s8(s0, vget_low_s8(c0), vget_low_s8(x));
+                s0 = vmlal_high_s8(s0, c0, x);
+                s1 = vmlal_s8(s1, vget_low_s8(c1), vget_low_s8(x));
+                s1 = vmlal_high_s8(s1, c1, x);
+            }
+            acc[0][m] = vpadalq_s16(acc[0][m], s0);
+            acc[1][m] = vpadalq_s16(acc[1][m], s1);
+        }
+    }
+    acc.map(|row| row.map(|a| vaddvq_s32(a)))
+}
+
+/// [`ternary_dot2`] with `sdot`.
+///
+/// # Safety
+/// `dotprod` must be available; as [`ternary_dot`] for both rows.
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn ternary_dot2_sdot<const M: usize>(
+    w: [&[u8]; 2],
+    xs: [&[i8]; M],
+    blocks: usize,
+) -> [[i32; M]; 2] {
+    let mut acc = [[vdupq_n_s32(0); M]; 2];
+    for b in 0..blocks {
+        // SAFETY: in bounds by the caller's contract.
+        let c = unsafe {
+            [
+                unpack(w[0].as_ptr().add(b * BLOCK_BYTES)),
+                unpack(w[1].as_ptr().add(b * BLOCK_BYTES)),
+            ]
+        };
+        for m in 0..M {
+            let xp = xs[m][b * BLOCK..].as_ptr();
+            for (i, (&c0, &c1)) in c[0].iter().zip(&c[1]).enumerate() {
+                let x = unsafe { vld1q_s8(xp.add(16 * i)) };
+                acc[0][m] = unsafe { sdot(acc[0][m], c0, x) };
+                acc[1][m] = unsafe { sdot(acc[1][m], c1, x) };
+            }
+        }
+    }
+    acc.map(|row| row.map(|a| vaddvq_s32(a)))
+}
+
 /// Adds the scalar tail past the last full 16 values.
 fn tail<const M: usize>(w: &[i8], xs: [&[i8]; M], from: usize, out: &mut [i32; M]) {
     for m in 0..M {

@@ -136,3 +136,74 @@ pub(super) unsafe fn ternary_dot_vnni<const M: usize>(
     }
     out
 }
+
+/// Two weight rows × `M` activation rows with VNNI: eight accumulators for the 2 × 4 tile, each activation vector
+/// loaded once for both rows. AVX-512VL gives the 32 vector registers the tile and both rows' codes need.
+///
+/// # Safety
+/// As `ternary_dot_vnni`, for both rows.
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+pub(super) unsafe fn ternary_dot2_vnni<const M: usize>(
+    w: [&[u8]; 2],
+    xs: [&[i8]; M],
+    blocks: usize,
+) -> [[i32; M]; 2] {
+    let mut acc = [[_mm256_setzero_si256(); M]; 2];
+    for b in 0..blocks {
+        // SAFETY: in bounds by the caller's contract.
+        let c = unsafe {
+            [
+                unpack(w[0].as_ptr().add(b * BLOCK_BYTES)),
+                unpack(w[1].as_ptr().add(b * BLOCK_BYTES)),
+            ]
+        };
+        for m in 0..M {
+            let xp = xs[m][b * BLOCK..].as_ptr();
+            for (i, (&c0, &c1)) in c[0].iter().zip(&c[1]).enumerate() {
+                let x = unsafe { _mm256_loadu_si256(xp.add(32 * i) as *const __m256i) };
+                acc[0][m] = _mm256_dpbusd_epi32(acc[0][m], c0, x);
+                acc[1][m] = _mm256_dpbusd_epi32(acc[1][m], c1, x);
+            }
+        }
+    }
+    acc.map(|row| row.map(|a| hsum(a)))
+}
+
+/// How far ahead of the block being read the single-row kernels fetch weights (bytes).
+const PREFETCH: usize = 2048;
+
+/// One activation row (decode) with VNNI: two blocks per iteration into eight accumulators, so that no chain of
+/// `vpdpbusd` (several cycles of latency each) paces the loop; with a single row nothing else would hide that
+/// latency, and the loop would fall short of the memory bandwidth it should be bound by.
+///
+/// # Safety
+/// As `ternary_dot_vnni` for one row.
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+pub(super) unsafe fn ternary_dot1_vnni(w: &[u8], x: &[i8], blocks: usize) -> i32 {
+    let mut acc = [[_mm256_setzero_si256(); 4]; 2];
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut b = 0;
+    while b < blocks {
+        // Rows lie one after another, and a chunk is a short run of them: fetching ahead from the first block
+        // on keeps the loads in flight that the hardware prefetcher would only start after a few lines. Past
+        // the row is the next row (or the next chunk's first; a prefetch never faults).
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(b * BLOCK_BYTES + PREFETCH) as *const i8);
+        // The last, odd block goes to the first set alone.
+        let pair = if b + 1 < blocks { 2 } else { 1 };
+        for (h, set) in acc.iter_mut().enumerate().take(pair) {
+            // SAFETY: block b + h exists (checked above), in bounds by the caller's contract.
+            unsafe {
+                let codes = unpack(wp.add((b + h) * BLOCK_BYTES));
+                let xb = xp.add((b + h) * BLOCK);
+                for (i, (a, c)) in set.iter_mut().zip(codes).enumerate() {
+                    let xv = _mm256_loadu_si256(xb.add(32 * i) as *const __m256i);
+                    *a = _mm256_dpbusd_epi32(*a, c, xv);
+                }
+            }
+        }
+        b += 2;
+    }
+    let [s0, s1] =
+        acc.map(|[a, b, c, d]| _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+    hsum(_mm256_add_epi32(s0, s1))
+}

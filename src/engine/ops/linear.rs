@@ -499,9 +499,10 @@ impl Product {
                 let data = plain.as_slice::<i8>().expect("int8 rows");
                 let rows_q: Vec<&[i8]> = data.chunks(layout.stride()).collect();
                 let xs: Vec<&[i8]> = rows_q.iter().map(|r| layout.values(r)).collect();
-                let sx: Vec<f32> = rows_q.iter().map(|r| layout.scale(r)).collect();
+                // The inverse activation scale: a product per value where a division would be.
+                let inv: Vec<f32> = rows_q.iter().map(|r| 1.0 / layout.scale(r)).collect();
                 let scale = op.scale.as_deref().expect("scaled weights");
-                let epi = |r: usize, t: usize, acc: i32| acc as f32 / sx[t] * scale[r];
+                let epi = |r: usize, t: usize, acc: i32| acc as f32 * inv[t] * scale[r];
                 match op.spec.weights {
                     WeightFormat::Bit => {
                         let xsum: Vec<i32> = rows_q.iter().map(|r| layout.sum(r)).collect();

@@ -2,8 +2,8 @@
 //! function in standard ops, `onnx::functions`, so that other runtimes run the same file):
 //! - [`linear`]: a fused linear, `{Bit|Int8|F32}Linear[Norm][Relu2Glu|SiluGlu][Add]`: RMSNorm, per-token int8
 //!   quantization, the product on packed weights, the scales, the GLU and the residual in one op;
-//! - [`attention`]: RoPE, the KV cache (its own state, f32 or f16) and softmax attention;
-//! - [`embedding`]: the token lookup, from the memory-mapped table.
+//! - [`attention`]: RoPE, the paged KV cache (its own state, f16 or f32) and streaming softmax attention;
+//! - [`embedding`]: the token lookup, one row per token read from the data file (the table is never resident).
 //!
 //! Every op runs its parallel part as a [`crate::team`] job on the forward pass's team.
 
