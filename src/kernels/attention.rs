@@ -344,7 +344,6 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use std::arch::aarch64::*;
-    use std::arch::asm;
 
     use super::*;
 
@@ -360,19 +359,7 @@ mod arm {
                     vld1q_f32(v.as_ptr().add(i)),
                     vld1q_f32(v.as_ptr().add(i + 4)),
                 ),
-                Rows::F16(v) => {
-                    let h = vld1q_u16(v.as_ptr().add(i));
-                    let (lo, hi): (float32x4_t, float32x4_t);
-                    asm!(
-                        "fcvtl {lo:v}.4s, {h:v}.4h",
-                        "fcvtl2 {hi:v}.4s, {h:v}.8h",
-                        h = in(vreg) h,
-                        lo = out(vreg) lo,
-                        hi = out(vreg) hi,
-                        options(pure, nomem, nostack, preserves_flags)
-                    );
-                    (lo, hi)
-                }
+                Rows::F16(v) => crate::kernels::f16::arm::widen(vld1q_u16(v.as_ptr().add(i))),
             }
         }
     }

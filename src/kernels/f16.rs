@@ -85,9 +85,28 @@ mod x86 {
 }
 
 #[cfg(target_arch = "aarch64")]
-mod arm {
+pub(crate) mod arm {
     use std::arch::aarch64::*;
     use std::arch::asm;
+
+    /// Eight f16 bit patterns as two vectors of four f32 (`fcvtl`/`fcvtl2`: `vcvt_f32_f16` is not stable Rust,
+    /// and every ARMv8 core has the instructions).
+    #[inline(always)]
+    pub(crate) fn widen(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
+        let (lo, hi): (float32x4_t, float32x4_t);
+        // SAFETY: register-only instructions of every ARMv8 core.
+        unsafe {
+            asm!(
+                "fcvtl {lo:v}.4s, {h:v}.4h",
+                "fcvtl2 {hi:v}.4s, {h:v}.8h",
+                h = in(vreg) h,
+                lo = out(vreg) lo,
+                hi = out(vreg) hi,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        (lo, hi)
+    }
 
     /// # Safety
     /// `src.len() == dst.len()`.
@@ -95,19 +114,9 @@ mod arm {
     pub(super) unsafe fn to_f32(src: &[u16], dst: &mut [f32]) {
         let n = src.len() / 8 * 8;
         for i in (0..n).step_by(8) {
-            // SAFETY: i + 8 <= len; `fcvtl`/`fcvtl2` are register-only ARMv8 instructions.
+            // SAFETY: i + 8 <= len.
             unsafe {
-                let h = vld1q_u16(src.as_ptr().add(i));
-                let lo: float32x4_t;
-                let hi: float32x4_t;
-                asm!(
-                    "fcvtl {lo:v}.4s, {h:v}.4h",
-                    "fcvtl2 {hi:v}.4s, {h:v}.8h",
-                    h = in(vreg) h,
-                    lo = out(vreg) lo,
-                    hi = out(vreg) hi,
-                    options(pure, nomem, nostack, preserves_flags)
-                );
+                let (lo, hi) = widen(vld1q_u16(src.as_ptr().add(i)));
                 vst1q_f32(dst.as_mut_ptr().add(i), lo);
                 vst1q_f32(dst.as_mut_ptr().add(i + 4), hi);
             }
