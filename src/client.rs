@@ -1,12 +1,15 @@
-//! Small blocking clients of the socket API, behind `bitnetd ask` and `bitnetd status`.
+//! Small blocking clients of the socket API, behind `bitnetd ask`, `bitnetd result` and `bitnetd status`. They
+//! send typed requests and read typed replies ([`crate::protocol`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 
-use crate::protocol::Route;
+use crate::engine::Message;
+use crate::protocol::{Done, ErrorCode, ErrorReply, Id, OnDeadline, Reply, Request, Route, Status};
 
 /// A failed client call.
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +26,13 @@ pub enum ClientError {
     #[error("unexpected reply from bitnetd: {0}")]
     Protocol(String),
     /// bitnetd answered with an error reply.
-    #[error("{code}: {message}")]
-    Remote { code: String, message: String },
+    #[error("{}: {message}", code.as_str())]
+    Remote {
+        code: ErrorCode,
+        message: String,
+        /// When retrying may succeed, a hint of how long to wait.
+        retry_after_ms: Option<u64>,
+    },
 }
 
 /// What `ask` sends.
@@ -51,95 +59,146 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
     })
 }
 
-/// Sends `ask` and writes the answer to `out` as it streams. Returns the terminal `done` (or `deferred`)
-/// object.
-pub fn ask(socket: &Path, ask: &Ask, out: &mut dyn Write) -> Result<Value, ClientError> {
+/// How a request ended, as the clients report it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Done(Done),
+    /// Stored for the cloud; `bitnetd result <id>` fetches it later.
+    Deferred {
+        id: Id,
+        position: usize,
+    },
+}
+
+impl From<Answer> for Reply {
+    fn from(a: Answer) -> Reply {
+        match a {
+            Answer::Done(d) => Reply::Done(d),
+            Answer::Deferred { id, position } => Reply::Deferred { id, position },
+        }
+    }
+}
+
+/// The request `ask` sends.
+fn request(ask: &Ask, id: &str) -> Request {
+    let (prompt, messages) = if ask.raw {
+        (Some(ask.text.clone()), None)
+    } else {
+        let m = Message {
+            role: "user".into(),
+            content: ask.text.clone(),
+        };
+        (None, Some(vec![m]))
+    };
+    Request {
+        id: Id::from(id),
+        prompt,
+        messages,
+        max_tokens: ask.max_tokens,
+        temperature: ask.temperature,
+        top_p: None,
+        top_k: None,
+        repetition_penalty: None,
+        seed: None,
+        stop: None,
+        stream: true,
+        route: ask.route,
+        private: ask.private,
+        deadline_ms: ask.deadline_ms,
+        defer: ask.defer,
+        on_deadline: OnDeadline::default(),
+    }
+}
+
+/// Sends `ask` and writes the answer to `out` as it streams. Returns how it ended: `done`, or `deferred`.
+pub fn ask(socket: &Path, ask: &Ask, out: &mut dyn Write) -> Result<Answer, ClientError> {
     let id = ask
         .id
         .clone()
         .unwrap_or_else(|| format!("ask-{}", std::process::id()));
-    let mut req = json!({
-        "id": id,
-        "stream": true,
-        "route": ask.route,
-        "private": ask.private,
-        "defer": ask.defer,
-    });
-    if ask.raw {
-        req["prompt"] = json!(ask.text);
-    } else {
-        req["messages"] = json!([{"role": "user", "content": ask.text}]);
-    }
-    for (k, v) in [
-        ("max_tokens", ask.max_tokens.map(|v| json!(v))),
-        ("temperature", ask.temperature.map(|v| json!(v))),
-        ("deadline_ms", ask.deadline_ms.map(|v| json!(v))),
-    ] {
-        if let Some(v) = v {
-            req[k] = v;
-        }
-    }
     let stream = connect(socket)?;
-    let mut lines = send(&stream, &req)?;
+    let mut lines = send(&stream, &request(ask, &id))?;
+    let want = Id::from(id);
     loop {
-        let reply = next_reply(&mut lines)?;
-        if reply["id"] != json!(id) {
+        let r = next_reply(&mut lines)?;
+        if reply_id(&r).is_some_and(|i| *i != want) {
             continue;
         }
-        match reply["type"].as_str() {
-            Some("token") => {
-                out.write_all(reply["text"].as_str().unwrap_or_default().as_bytes())?;
+        match r {
+            Reply::Token { text, .. } => {
+                out.write_all(text.as_bytes())?;
                 out.flush()?;
             }
-            Some("done") | Some("deferred") => return Ok(reply),
-            Some("error") => return Err(remote(&reply)),
-            _ => return Err(ClientError::Protocol(reply.to_string())),
+            r => return answer(r),
         }
     }
 }
 
 /// Fetches the result of deferred request `id`: its `done`, or its `deferred` reply while it waits.
-pub fn result(socket: &Path, id: &str) -> Result<Value, ClientError> {
+pub fn result(socket: &Path, id: &str) -> Result<Answer, ClientError> {
     let stream = connect(socket)?;
     let mut lines = send(&stream, &json!({"cmd": "result", "id": id}))?;
-    let reply = next_reply(&mut lines)?;
-    match reply["type"].as_str() {
-        Some("done") | Some("deferred") => Ok(reply),
-        Some("error") => Err(remote(&reply)),
-        _ => Err(ClientError::Protocol(reply.to_string())),
-    }
+    answer(next_reply(&mut lines)?)
 }
 
 /// Asks for the daemon's status.
-pub fn status(socket: &Path) -> Result<Value, ClientError> {
+pub fn status(socket: &Path) -> Result<Status, ClientError> {
     let stream = connect(socket)?;
     let mut lines = send(&stream, &json!({"cmd": "status"}))?;
-    let reply = next_reply(&mut lines)?;
-    match reply["type"].as_str() {
-        Some("status") => Ok(reply),
-        Some("error") => Err(remote(&reply)),
-        _ => Err(ClientError::Protocol(reply.to_string())),
+    match next_reply(&mut lines)? {
+        Reply::Status(s) => Ok(*s),
+        Reply::Error(e) => Err(e.into()),
+        r => Err(unexpected(&r)),
     }
 }
 
-fn send<'a>(stream: &'a UnixStream, msg: &Value) -> Result<BufReader<&'a UnixStream>, ClientError> {
-    let mut line = msg.to_string();
-    line.push('\n');
-    (&mut &*stream).write_all(line.as_bytes())?;
+fn reply_id(r: &Reply) -> Option<&Id> {
+    match r {
+        Reply::Done(d) => Some(&d.id),
+        Reply::Deferred { id, .. } | Reply::Token { id, .. } => Some(id),
+        Reply::Error(e) => e.id.as_ref(),
+        Reply::Status(s) => s.id.as_ref(),
+    }
+}
+
+fn answer(r: Reply) -> Result<Answer, ClientError> {
+    match r {
+        Reply::Done(d) => Ok(Answer::Done(d)),
+        Reply::Deferred { id, position } => Ok(Answer::Deferred { id, position }),
+        Reply::Error(e) => Err(e.into()),
+        r => Err(unexpected(&r)),
+    }
+}
+
+fn unexpected(r: &Reply) -> ClientError {
+    ClientError::Protocol(String::from_utf8_lossy(&r.to_line()).trim_end().to_string())
+}
+
+fn send<'a>(
+    stream: &'a UnixStream,
+    msg: &impl Serialize,
+) -> Result<BufReader<&'a UnixStream>, ClientError> {
+    let mut line = serde_json::to_vec(msg).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    (&mut &*stream).write_all(&line)?;
     Ok(BufReader::new(stream))
 }
 
-fn next_reply(lines: &mut impl BufRead) -> Result<Value, ClientError> {
+fn next_reply(lines: &mut impl BufRead) -> Result<Reply, ClientError> {
     let mut line = String::new();
     if lines.read_line(&mut line)? == 0 {
         return Err(ClientError::Closed);
     }
-    serde_json::from_str(&line).map_err(|e| ClientError::Protocol(format!("{e}: {line}")))
+    serde_json::from_str(&line)
+        .map_err(|e| ClientError::Protocol(format!("{e}: {}", line.trim_end())))
 }
 
-fn remote(reply: &Value) -> ClientError {
-    ClientError::Remote {
-        code: reply["code"].as_str().unwrap_or("unknown").to_string(),
-        message: reply["message"].as_str().unwrap_or_default().to_string(),
+impl From<ErrorReply> for ClientError {
+    fn from(e: ErrorReply) -> ClientError {
+        ClientError::Remote {
+            code: e.code,
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        }
     }
 }

@@ -12,9 +12,10 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use bitnetd::client::Answer;
 use bitnetd::config::{Config, Env};
 use bitnetd::onnx::bitnet::{EmbeddingFormat, HeadFormat};
-use bitnetd::protocol::Route;
+use bitnetd::protocol::{Reply, Route};
 
 use bitnetd::default_model::default_model_dir;
 use bitnetd::engine::{
@@ -190,13 +191,13 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Ask(a) => ask(a, &env),
         Command::Status { socket, config } => {
             let socket = socket_path(socket, config, &env)?;
-            let status = bitnetd::client::status(&socket)?;
+            let status = Reply::Status(Box::new(bitnetd::client::status(&socket)?));
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
         }
         Command::Result { id, socket, config } => {
             let socket = socket_path(socket, config, &env)?;
-            let reply = bitnetd::client::result(&socket, &id)?;
+            let reply = Reply::from(bitnetd::client::result(&socket, &id)?);
             println!("{}", serde_json::to_string_pretty(&reply)?);
             Ok(())
         }
@@ -318,26 +319,28 @@ fn ask(a: AskArgs, env: &Env) -> Result<()> {
         id: a.id,
     };
     let mut stdout = std::io::stdout();
-    let done = bitnetd::client::ask(&socket, &req, &mut stdout)?;
-    if done["type"] == "deferred" {
-        eprintln!(
-            "[deferred until the cloud is reachable; fetch it with `bitnetd result {}`]",
-            done["id"].as_str().unwrap_or("?")
-        );
-        return Ok(());
-    }
+    let done = match bitnetd::client::ask(&socket, &req, &mut stdout)? {
+        Answer::Done(d) => d,
+        Answer::Deferred { id, .. } => {
+            eprintln!(
+                "[deferred until the cloud is reachable; fetch it with `bitnetd result {}`]",
+                bitnetd::protocol::id_text(&id)
+            );
+            return Ok(());
+        }
+    };
     println!();
-    let fallback = done["fallback"].as_str().map_or(String::new(), |c| {
+    let fallback = done.fallback.map_or(String::new(), |c| {
         format!(", cloud failed ({c}), ran locally")
     });
     eprintln!(
         "[{} via {} ({}{fallback}), {} tokens, first token {} ms, {}]",
-        done["model"].as_str().unwrap_or("?"),
-        done["route"].as_str().unwrap_or("?"),
-        done["route_reason"].as_str().unwrap_or("?"),
-        done["usage"]["completion_tokens"],
-        done["timing"]["ttft_ms"],
-        done["finish_reason"].as_str().unwrap_or("?")
+        done.model,
+        done.route.as_str(),
+        done.route_reason,
+        done.usage.completion_tokens,
+        done.timing.ttft_ms,
+        done.finish_reason.as_str()
     );
     Ok(())
 }

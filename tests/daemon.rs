@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::{set_temperature, wait_for_budget, Client, Daemon};
+use common::{set_temperature, wait_for_budget, wait_for_status, Client, Daemon};
 use serde_json::{json, Value};
 
 /// Sampling that runs to `max_tokens` on the default model (near-uniform at this temperature; checked below).
@@ -181,7 +181,7 @@ fn closing_the_connection_cancels_its_requests() {
         if stream {
             assert_eq!(c.recv()["type"], "token");
         } else {
-            std::thread::sleep(Duration::from_millis(100));
+            wait_for_status(&mut watcher, |s| s["engine"]["running"] == 1);
         }
         drop(c);
         let start = Instant::now();
@@ -407,7 +407,8 @@ fn sigterm_lets_running_work_finish_within_the_drain_time() {
         &json!({"id": "w", "prompt": "The", "max_tokens": 80, "temperature": 20.0, "seed": 1,
                    "repetition_penalty": 1.0, "stream": false}),
     );
-    std::thread::sleep(Duration::from_millis(100));
+    // SIGTERM once the request runs on the engine.
+    wait_for_status(&mut d.connect(), |s| s["engine"]["running"] == 1);
     d.signal(libc::SIGTERM);
     let (_, done) = c.finish(&json!("w"));
     assert_eq!(
@@ -493,8 +494,8 @@ fn heat_pauses_local_inference_and_cooling_with_hysteresis_resumes_it() {
 
     set_temperature(&board, 78.0);
     wait_for_budget(&mut c, |b| b["thermal"] == "warm");
-    std::thread::sleep(Duration::from_millis(100));
-    let s = c.status();
+    // The engine applies the governor's thread count on its own schedule.
+    let s = wait_for_status(&mut c, |s| s["engine"]["threads"] == (full / 2).max(1));
     assert_eq!(s["budget"]["directive"]["threads"], (full / 2).max(1));
     assert_eq!(
         s["budget"]["directive"]["prefill_chunk"],
@@ -693,7 +694,6 @@ fn memory_pressure_cuts_running_generations_short() {
     // Wait for it to run, then put the board under pressure.
     let first = c.recv();
     assert_eq!(first["type"], "token", "{first}");
-    std::thread::sleep(Duration::from_millis(200));
     std::fs::write(
         board.join("proc/pressure/memory"),
         "some avg10=40.00 avg60=10.00 avg300=2.00 total=1\n",

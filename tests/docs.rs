@@ -18,11 +18,7 @@ fn blocks(lang: &str) -> Vec<String> {
 }
 
 fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("-V").output().is_ok();
-    if !found {
-        eprintln!("{tool} is not installed: skipped (.ci/run installs it)");
-    }
-    found
+    common::have_tool(tool, &["-V"])
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bitnetd::engine::{
-    Backend, Engine, EngineError, EngineOptions, FinishReason, GenerateParams, JobEvent,
-    JobOptions, LoadOptions, Message, Model, Prompt, SamplingParams,
+    Backend, CancelToken, Engine, EngineError, EngineOptions, FinishReason, GenerateParams,
+    JobEvent, JobOptions, LoadOptions, Message, Model, Prompt, SamplingParams,
 };
 
 fn fixture_model() -> (tempfile::TempDir, Arc<Model>) {
@@ -145,7 +145,9 @@ fn engine_thread_streams_then_ends_with_exactly_one_done() {
             },
         )
         .unwrap();
-    let mut job = engine.submit(req, JobOptions::default()).unwrap();
+    let mut job = engine
+        .submit(req, JobOptions::default(), CancelToken::default())
+        .unwrap();
     let (mut tokens, mut done) = (vec![], None);
     while let Some(ev) = job.events.blocking_recv() {
         match ev {
@@ -173,12 +175,14 @@ fn full_queue_is_busy_and_cancel_stops_generation() {
         };
         model.prepare(&Prompt::Ids(ids(4)), p).unwrap()
     };
-    let first = engine.submit(long(), JobOptions::default()).unwrap();
+    let first = engine
+        .submit(long(), JobOptions::default(), CancelToken::default())
+        .unwrap();
     first.cancel.cancel();
     let mut jobs = vec![first];
     let mut busy = false;
     for _ in 0..50 {
-        match engine.submit(long(), JobOptions::default()) {
+        match engine.submit(long(), JobOptions::default(), CancelToken::default()) {
             Ok(j) => {
                 j.cancel.cancel();
                 jobs.push(j);
@@ -282,14 +286,16 @@ fn a_paused_engine_holds_jobs_until_it_resumes_and_deadlines_still_count() {
         model.prepare(&Prompt::Ids(ids(4)), p).unwrap()
     };
     engine.set_paused(true);
-    let mut held = engine.submit(req(4), JobOptions::default()).unwrap();
+    let mut held = engine
+        .submit(req(4), JobOptions::default(), CancelToken::default())
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(held.events.try_recv().is_err(), "nothing runs while paused");
     let late = JobOptions {
         deadline: Some(std::time::Instant::now() + std::time::Duration::from_millis(100)),
         ..Default::default()
     };
-    let expired = engine.submit(req(4), late).unwrap();
+    let expired = engine.submit(req(4), late, CancelToken::default()).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     engine.set_paused(false);
     let (_, end) = drain(held);
@@ -320,6 +326,7 @@ fn the_token_cap_ends_generations_with_budget() {
         .submit(
             model.prepare(&Prompt::Ids(ids(4)), p.clone()).unwrap(),
             JobOptions::default(),
+            CancelToken::default(),
         )
         .unwrap();
     let (tokens, end) = drain(job);
@@ -335,6 +342,7 @@ fn the_token_cap_ends_generations_with_budget() {
         .submit(
             model.prepare(&Prompt::Ids(ids(4)), p).unwrap(),
             JobOptions::default(),
+            CancelToken::default(),
         )
         .unwrap();
     let JobEvent::Done(g) = drain(job).1 else {

@@ -151,10 +151,17 @@ fn mqtt_3_clients_use_reply_to_and_the_default_response_topic() {
         o.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut conn) = rumqttc::Client::new(o, 100);
         let (tx, rx) = std::sync::mpsc::channel();
+        let (suback_tx, subacks) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for ev in conn.iter() {
-                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = ev {
-                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = suback_tx.send(());
+                    }
+                    _ => {}
                 }
             }
         });
@@ -164,7 +171,9 @@ fn mqtt_3_clients_use_reply_to_and_the_default_response_topic() {
         client
             .subscribe("bitnetd/v3rt/response/#", rumqttc::QoS::AtLeastOnce)
             .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..2 {
+            subacks.recv_timeout(WAIT).expect("a SubAck");
+        }
         check_payload_addressing(
             &|p| {
                 client
@@ -295,12 +304,20 @@ fn a_clean_shutdown_answers_in_flight_work_and_leaves_offline_retained() {
 fn two_daemons_share_one_request_topic() {
     for broker in brokers() {
         let shared = "topic_prefix = \"fleet/ai\"\nshared_group = \"pool\"\n";
-        let a = Daemon::start(&broker.daemon_config("share-a", shared));
-        let b = Daemon::start(&broker.daemon_config("share-b", shared));
         let dev = V5::connect(broker.port, "dev-share");
         dev.subscribe("fleet/ai/status");
         dev.subscribe("dev/share/#");
-        std::thread::sleep(Duration::from_secs(1));
+        let a = Daemon::start(&broker.daemon_config("share-a", shared));
+        let b = Daemon::start(&broker.daemon_config("share-b", shared));
+        // A daemon publishes `online` after its subscription, on the same connection: once both said it, the
+        // broker shares the request topic between them.
+        let mut online = HashSet::new();
+        while online.len() < 2 {
+            let v = dev.expect_on("fleet/ai/status", WAIT).json();
+            if v["state"] == "online" {
+                online.insert(v["node"].to_string());
+            }
+        }
         let n = 12;
         for i in 0..n {
             let q = json!({"id": i, "prompt": "A dog is", "max_tokens": 30, "stream": false});
@@ -441,7 +458,7 @@ fn a_broker_restart_mid_stream_ends_in_an_answer_not_a_hang() {
     );
     dev.expect_on("dev/restart/answers", WAIT);
     broker.kill();
-    std::thread::sleep(Duration::from_millis(300));
+    d.wait_for_log("MQTT connection: ", 1);
     let broker = Broker::mosquitto_on(port).unwrap();
     // The device reconnects and subscribes again (a clean session); the daemon reconnects by itself.
     let dev = V5::connect(broker.port, "dev-restart-2");
@@ -481,12 +498,8 @@ fn openssl(dir: &std::path::Path, args: &str) {
 
 #[test]
 fn mutual_tls_to_the_broker() {
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        return eprintln!("openssl is not installed: skipped");
+    if !common::have_tool("openssl", &["version"]) {
+        return;
     }
     let certs = tempfile::tempdir().unwrap();
     let d = certs.path();
@@ -546,7 +559,7 @@ fn mutual_tls_to_the_broker() {
     // Without the client certificate the broker refuses the daemon; the daemon keeps retrying and stays up.
     let no_cert = format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {tls_port}\nnode = \"tls2\"\ntls = true\nca_file = \"{}\"\n", p("ca.pem"));
     let d2 = Daemon::start(&no_cert);
-    std::thread::sleep(Duration::from_secs(1));
+    d2.wait_for_log("MQTT reconnecting", 2);
     assert_eq!(d2.connect().status()["state"], "ready");
     // A CA file that is not a certificate stops the start with a clear error.
     let bad = format!("[mqtt]\ntls = true\nca_file = \"{}\"\n", p("san.ext"));

@@ -204,11 +204,9 @@ fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
 
 #[test]
 fn units_pass_systemd_analyze_verify() {
-    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
-        eprintln!("systemd-analyze is not installed: skipped");
+    if !common::have_tool("systemd-analyze", &["--version"]) {
         return;
-    };
-    assert!(out.status.success());
+    }
     let dir = tempfile::tempdir().unwrap();
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
     for name in ["bitnetd.service", "bitnetd.socket"] {

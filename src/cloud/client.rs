@@ -4,9 +4,8 @@
 //! circuit breaker, and an answer cache for deterministic requests.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use eventsource_stream::{EventStreamError, Eventsource};
 use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
@@ -17,11 +16,14 @@ use super::breaker::Breaker;
 use super::cache::{AnswerCache, CachedAnswer};
 use super::connectivity::Connectivity;
 use super::limiter::RateLimiter;
-use super::wire::{self, ApiUsage, ChatBody, StreamItem, StreamOptions};
+use super::wire::{self, ApiUsage, ChatBody, StreamOptions};
 use super::{ApiKey, Cause, CloudError};
 use crate::backoff::backoff;
 use crate::config::CloudConfig;
-use crate::engine::Message;
+use crate::engine::{FinishReason, Message};
+use crate::protocol::{Done, Id, Served, Timing, Usage};
+
+mod attempt;
 
 /// Most bytes of an error body read.
 const MAX_ERROR_BODY: usize = 64 << 10;
@@ -53,6 +55,33 @@ pub struct CloudAnswer {
     pub attempts: u32,
     /// From the call until the first text.
     pub ttft: Option<Duration>,
+}
+
+impl CloudAnswer {
+    /// The `done` reply for this answer, with its text, from `model`, timed by `timing`.
+    pub fn into_done(self, id: Id, model: &str, route_reason: &str, timing: Timing) -> Done {
+        let usage = self.usage.unwrap_or_default();
+        Done {
+            id,
+            text: Some(self.text),
+            route: Served::Cloud,
+            route_reason: route_reason.to_string(),
+            fallback: None,
+            cached: self.cached,
+            deferred: false,
+            model: model.to_string(),
+            finish_reason: match self.finish_reason.as_str() {
+                "length" => FinishReason::Length,
+                "content_filter" => FinishReason::ContentFilter,
+                _ => FinishReason::Stop,
+            },
+            usage: Usage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+            },
+            timing,
+        }
+    }
 }
 
 /// A failed cloud request.
@@ -322,144 +351,6 @@ impl KimiClient {
         }
     }
 
-    async fn attempt(
-        &self,
-        body: &[u8],
-        limit: (Instant, bool),
-        tokens: &UnboundedSender<String>,
-        started: Instant,
-    ) -> Attempt {
-        let failed = |error| Attempt::Failed {
-            error,
-            relayed: false,
-        };
-        let first_byte = (Instant::now() + self.cfg.first_byte_timeout).min(limit.0);
-        let send = self
-            .http
-            .post(&self.url)
-            .bearer_auth(self.key.expose())
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_vec())
-            .send();
-        let resp = match timeout_at(first_byte.into(), send).await {
-            Err(_) => return failed(self.no_bytes(first_byte, limit, "an answer")),
-            Ok(Err(e)) => return failed(transport_error(&e)),
-            Ok(Ok(r)) => r,
-        };
-        let status = resp.status();
-        if !status.is_success() {
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| wire::parse_retry_after(v, SystemTime::now()));
-            let body =
-                read_capped(resp, (Instant::now() + self.cfg.stall_timeout).min(limit.0)).await;
-            return failed(wire::http_error(status.as_u16(), &body, retry_after));
-        }
-        let mut events = resp.bytes_stream().eventsource();
-        let mut text = String::new();
-        let mut ttft = None;
-        let mut usage = None;
-        let mut finish: Option<String> = None;
-        loop {
-            let idle = if ttft.is_some() {
-                self.cfg.stall_timeout
-            } else {
-                self.cfg.first_byte_timeout
-            };
-            let until = (Instant::now() + idle).min(limit.0);
-            let relayed = !text.is_empty();
-            let ev = match timeout_at(until.into(), events.next()).await {
-                Err(_) => {
-                    return Attempt::Failed {
-                        error: self.no_bytes(until, limit, "stream data"),
-                        relayed,
-                    }
-                }
-                Ok(None) => {
-                    return match finish {
-                        // Some servers close right after the finish chunk; the answer is whole.
-                        Some(reason) => Attempt::Done(CloudAnswer {
-                            text,
-                            finish_reason: reason,
-                            usage,
-                            cached: false,
-                            attempts: 0,
-                            ttft,
-                        }),
-                        None => Attempt::Failed {
-                            error: CloudError::new(
-                                Cause::Cut,
-                                "the stream ended before its end marker",
-                            ),
-                            relayed,
-                        },
-                    };
-                }
-                Ok(Some(Err(e))) => {
-                    let error = match e {
-                        EventStreamError::Transport(e) => CloudError::new(
-                            Cause::Cut,
-                            format!("the stream broke: {}", transport_error(&e).message),
-                        ),
-                        other => {
-                            CloudError::new(Cause::Protocol, format!("unreadable stream: {other}"))
-                        }
-                    };
-                    return Attempt::Failed { error, relayed };
-                }
-                Ok(Some(Ok(ev))) => ev,
-            };
-            let items = match wire::parse_event(&ev.data) {
-                Ok(i) => i,
-                Err(error) => return Attempt::Failed { error, relayed },
-            };
-            for item in items {
-                match item {
-                    StreamItem::Text(t) if !t.is_empty() => {
-                        ttft.get_or_insert_with(|| started.elapsed());
-                        text.push_str(&t);
-                        if tokens.send(t).is_err() {
-                            return Attempt::Failed {
-                                error: CloudError::new(Cause::Cancelled, "the requester went away"),
-                                relayed: true,
-                            };
-                        }
-                    }
-                    StreamItem::Text(_) => {}
-                    StreamItem::Finish { reason, usage: u } => {
-                        finish = Some(reason);
-                        usage = u.or(usage);
-                    }
-                    StreamItem::Usage(u) => usage = Some(u),
-                    StreamItem::Done => {
-                        return Attempt::Done(CloudAnswer {
-                            text,
-                            finish_reason: finish.unwrap_or_else(|| "stop".into()),
-                            usage,
-                            cached: false,
-                            attempts: 0,
-                            ttft,
-                        })
-                    }
-                }
-            }
-        }
-    }
-
-    fn no_bytes(&self, at: Instant, limit: (Instant, bool), what: &str) -> CloudError {
-        if at >= limit.0 {
-            self.timed_out(limit, what)
-        } else {
-            CloudError::new(
-                Cause::Timeout,
-                format!("no {what} from the cloud in time (stalled)"),
-            )
-        }
-    }
-
     /// `GET /models`: the model ids the account can use. Any HTTP answer means the cloud is reachable.
     pub async fn list_models(&self, within: Duration) -> Result<Vec<String>, CloudError> {
         let send = self
@@ -485,7 +376,7 @@ impl KimiClient {
 }
 
 /// A reqwest failure as a [`CloudError`]; reqwest's message names the URL, never the headers.
-fn transport_error(e: &reqwest::Error) -> CloudError {
+pub(super) fn transport_error(e: &reqwest::Error) -> CloudError {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
@@ -502,7 +393,7 @@ fn transport_error(e: &reqwest::Error) -> CloudError {
     CloudError::new(cause, msg)
 }
 
-async fn read_capped(resp: reqwest::Response, until: Instant) -> Vec<u8> {
+pub(super) async fn read_capped(resp: reqwest::Response, until: Instant) -> Vec<u8> {
     let mut body = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Ok(Some(Ok(b))) = timeout_at(until.into(), stream.next()).await {

@@ -5,13 +5,13 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::client::KimiClient;
 use super::Cause;
 use crate::backoff::backoff;
+use crate::protocol::status::LinkStatus;
 use crate::router::CloudState;
 
 /// Outage failures of requests in a row that count as offline (before the breaker would open).
@@ -82,18 +82,6 @@ impl Default for Link {
     }
 }
 
-/// What `status` shows about the link.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LinkStatus {
-    /// `online` or `offline`.
-    pub state: &'static str,
-    pub reason: String,
-    /// Seconds since the last change.
-    pub since_s: f64,
-    /// Whether `GET /models` listed the configured model (absent before a successful probe).
-    pub model_listed: Option<bool>,
-}
-
 /// See the module documentation.
 pub struct Connectivity {
     link: Mutex<(Link, Instant)>,
@@ -127,7 +115,8 @@ impl Connectivity {
             state: match link.state {
                 CloudState::Online => "online",
                 _ => "offline",
-            },
+            }
+            .into(),
             reason: link.reason.clone(),
             since_s: (since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             model_listed: *self.model_listed.lock().unwrap(),

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::queue::{DeferredQueue, StoredResult, Task};
 use crate::cloud::{Cause, CloudRequest, KimiClient};
-use crate::engine::FinishReason;
-use crate::protocol::{Done, ErrorCode, ErrorReply, Served, StoredReply, Timing, Usage, WireError};
+use crate::errors::Refusal;
+use crate::protocol::{ErrorReply, StoredReply, Timing, WireError};
 use crate::router::CloudState;
 
 /// Pause after a forward failed for a reason that may pass (the link still looked online).
@@ -109,22 +109,11 @@ impl Forwarder {
                 let total = started.elapsed();
                 let usage = a.usage.unwrap_or_default();
                 let ttft = a.ttft.unwrap_or(total);
-                StoredReply::Done(Done {
-                    id: task.id.clone(),
-                    text: Some(a.text),
-                    route: Served::Cloud,
-                    route_reason: "deferred".into(),
-                    fallback: None,
-                    cached: a.cached,
-                    deferred: true,
-                    model: self.client.model().to_string(),
-                    finish_reason: finish_reason(&a.finish_reason),
-                    usage: Usage {
-                        prompt_tokens: usage.prompt_tokens,
-                        completion_tokens: usage.completion_tokens,
-                    },
-                    timing: Timing::measured(ttft, total, usage.completion_tokens),
-                })
+                let timing = Timing::measured(ttft, total, usage.completion_tokens);
+                let mut done =
+                    a.into_done(task.id.clone(), self.client.model(), "deferred", timing);
+                done.deferred = true;
+                StoredReply::Done(done)
             }
             // Not processed, or worth another go once the cloud is back: keep the task.
             Err(f) if f.error.cause.retryable() || f.error.cause == Cause::CircuitOpen => {
@@ -132,7 +121,7 @@ impl Forwarder {
                 self.queue.unmark_sending(task.seq);
                 return true;
             }
-            Err(f) => StoredReply::Error(WireError::cloud(&f.error).with_id(&task.id).into()),
+            Err(f) => StoredReply::Error(WireError::from(&f.error).with_id(&task.id).into()),
         };
         self.finish(task, reply);
         false
@@ -153,23 +142,8 @@ impl Forwarder {
 
     fn expire(&self) {
         for task in self.queue.expired(SystemTime::now()) {
-            let e = ErrorReply::from(
-                WireError::new(
-                    ErrorCode::Expired,
-                    "the cloud stayed unreachable for longer than [defer] max_age_secs",
-                )
-                .with_id(&task.id),
-            );
+            let e = ErrorReply::from(WireError::from(Refusal::DeferredExpired).with_id(&task.id));
             self.finish(&task, StoredReply::Error(e));
         }
-    }
-}
-
-/// A cloud finish reason as ours.
-pub fn finish_reason(api: &str) -> FinishReason {
-    match api {
-        "length" => FinishReason::Length,
-        "content_filter" => FinishReason::ContentFilter,
-        _ => FinishReason::Stop,
     }
 }

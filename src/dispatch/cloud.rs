@@ -9,16 +9,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::mpsc::unbounded_channel;
 
-use super::local::ms;
-use super::Dispatcher;
-use crate::cloud::{Cause, CloudError, CloudRequest, Connectivity, KimiClient};
+use super::ledger::{ms, Completion, Outcome};
+use super::local::{LocalRun, LocalRunner};
+use crate::cloud::{Cause, CloudAnswer, CloudError, CloudRequest, Connectivity, KimiClient};
 use crate::config::RouterConfig;
-use crate::deferred::forwarder::finish_reason;
 use crate::deferred::DeferredQueue;
-use crate::engine::{CancelToken, JobOptions, ValidatedRequest};
-use crate::protocol::{Done, Id, Reply, Served, Timing, Usage, WireError};
+use crate::engine::{CancelToken, ValidatedRequest};
+use crate::protocol::{Reply, Timing, WireError};
 
 /// How often a running cloud request checks for cancellation.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
@@ -41,25 +40,17 @@ impl std::fmt::Debug for CloudRoute {
     }
 }
 
-/// What a fallback needs to start locally.
-pub(super) struct Fallback {
-    pub validated: ValidatedRequest,
-    pub opts: JobOptions,
-}
-
-/// One cloud request in flight.
+/// One cloud request in flight. It owns the request's [`Completion`]; a fallback takes it over.
 pub(super) struct CloudJob {
-    pub dispatcher: Arc<Dispatcher>,
     pub client: Arc<KimiClient>,
-    pub seq: u64,
-    pub id: Id,
-    pub stream: bool,
-    pub received: Instant,
-    pub route_reason: &'static str,
     pub req: CloudRequest,
-    pub fallback: Option<Fallback>,
+    /// How the request answers; also what a fallback runs with.
+    pub run: LocalRun,
+    /// The request validated for the board, when a failure may fall back to it.
+    pub fallback: Option<(Arc<LocalRunner>, ValidatedRequest)>,
+    /// The request's token: it stops the cloud call and, after a fallback, the local run.
     pub cancel: CancelToken,
-    pub tx: UnboundedSender<Reply>,
+    pub completion: Completion,
 }
 
 impl CloudJob {
@@ -75,7 +66,7 @@ impl CloudJob {
                 tokio::select! {
                     r = &mut call => break r.map_err(|f| (f.error, f.relayed)),
                     Some(t) = trx.recv() => relayed |= self.relay(t),
-                    _ = poll.tick() => if self.cancel.is_cancelled() || self.tx.is_closed() {
+                    _ = poll.tick() => if self.cancel.is_cancelled() || self.completion.is_closed() {
                         break Err((CloudError::new(Cause::Cancelled, "cancelled"), relayed));
                     },
                 }
@@ -85,96 +76,82 @@ impl CloudJob {
             relayed |= self.relay(t);
         }
         match result {
-            Ok(a) => {
-                let total = self.received.elapsed();
-                let usage = a.usage.unwrap_or_default();
-                let offset = call_started - self.received;
-                let ttft = a.ttft.map_or(total, |t| offset + t);
-                log::info!(id:% = self.id, route = "cloud", route_reason = self.route_reason, cached = a.cached,
-                    attempts = a.attempts, finish_reason = a.finish_reason.as_str(),
-                    completion_tokens = usage.completion_tokens, total_ms = ms(total); "request done");
-                let timing = Timing::measured(ttft, total, usage.completion_tokens);
-                self.dispatcher.cloud_finished(
-                    self.seq,
-                    None,
-                    usage.completion_tokens,
-                    (!a.cached).then_some(&timing),
-                );
-                let _ = self.tx.send(Reply::Done(Done {
-                    id: self.id.clone(),
-                    text: (!self.stream).then_some(a.text),
-                    route: Served::Cloud,
-                    route_reason: self.route_reason.to_string(),
-                    fallback: None,
-                    cached: a.cached,
-                    deferred: false,
-                    model: self.client.model().to_string(),
-                    finish_reason: finish_reason(&a.finish_reason),
-                    usage: Usage {
-                        prompt_tokens: usage.prompt_tokens,
-                        completion_tokens: usage.completion_tokens,
-                    },
-                    timing,
-                }));
-            }
+            Ok(a) => self.answered(a, call_started),
             Err((error, relayed_any)) => self.failed(error, relayed_any || relayed),
         }
     }
 
     /// Sends a piece of text when streaming; true if it went out.
     fn relay(&self, text: String) -> bool {
-        if !self.stream || text.is_empty() {
+        if !self.run.stream || text.is_empty() {
             return false;
         }
-        self.tx
-            .send(Reply::Token {
-                id: self.id.clone(),
-                text,
-            })
-            .is_ok()
+        let id = self.completion.id().clone();
+        self.completion.send(Reply::Token { id, text })
+    }
+
+    fn answered(self, a: CloudAnswer, call_started: Instant) {
+        let received = self.run.received;
+        let total = received.elapsed();
+        let usage = a.usage.unwrap_or_default();
+        let ttft = a.ttft.map_or(total, |t| (call_started - received) + t);
+        log::info!(id:% = self.completion.id(), route = "cloud", route_reason = self.run.route_reason,
+            cached = a.cached, attempts = a.attempts, finish_reason = a.finish_reason.as_str(),
+            completion_tokens = usage.completion_tokens, total_ms = ms(total); "request done");
+        let timing = Timing::measured(ttft, total, usage.completion_tokens);
+        let (cached, stream) = (a.cached, self.run.stream);
+        let id = self.completion.id().clone();
+        let mut done = a.into_done(id, self.client.model(), self.run.route_reason, timing);
+        if stream {
+            done.text = None;
+        }
+        let outcome = Outcome::Cloud {
+            tokens: usage.completion_tokens,
+            timing: (!cached).then_some(timing),
+        };
+        self.completion.finish(Reply::Done(done), outcome);
     }
 
     fn failed(self, error: CloudError, relayed: bool) {
         let cause = error.cause;
-        let early = !(relayed && self.stream);
-        if cause != Cause::Cancelled && early {
-            if let Some(fb) = self.fallback {
+        let cut = relayed && self.run.stream;
+        let CloudJob {
+            fallback,
+            run,
+            cancel,
+            completion,
+            ..
+        } = self;
+        match fallback {
+            Some((local, validated)) if cause != Cause::Cancelled && !cut => {
                 let started = Instant::now();
-                let run = super::LocalRun {
-                    seq: self.seq,
-                    id: self.id.clone(),
-                    stream: self.stream,
-                    received: self.received,
-                    route_reason: self.route_reason,
+                let run = LocalRun {
                     fallback: Some(cause),
-                    shortened: None,
+                    ..run
                 };
-                let r = self.dispatcher.fallback(run, cause, fb, self.tx.clone());
-                match r {
-                    Ok(()) => {
-                        log::warn!(id:% = self.id, cause = cause.as_str(), switch_ms = ms(started.elapsed());
+                match local.queue(completion.seq(), &run, validated, &cancel) {
+                    Ok(queued) => {
+                        log::warn!(id:% = completion.id(), cause = cause.as_str(),
+                            switch_ms = ms(started.elapsed());
                             "cloud failed before answering; running locally: {}", error.message);
-                        return;
+                        local.ledger.fell_back(cause);
+                        local.spawn(run, queued, completion);
                     }
-                    Err(e) => {
-                        let _ = self.tx.send(e.with_id(&self.id).into());
-                        self.dispatcher
-                            .cloud_finished(self.seq, Some(cause), 0, None);
-                        return;
-                    }
+                    Err(e) => completion.fail(e, Some(cause)),
                 }
             }
+            _ => {
+                let mut e = WireError::from(&error);
+                if cut {
+                    e.message = format!(
+                        "the cloud answer broke off after it had started: {}",
+                        e.message
+                    );
+                }
+                log::warn!(id:% = completion.id(), cause = cause.as_str(), relayed;
+                    "cloud request failed: {}", error.message);
+                completion.fail(e, Some(cause));
+            }
         }
-        let mut e = WireError::cloud(&error);
-        if relayed && self.stream {
-            e.message = format!(
-                "the cloud answer broke off after it had started: {}",
-                e.message
-            );
-        }
-        log::warn!(id:% = self.id, cause = cause.as_str(), relayed; "cloud request failed: {}", error.message);
-        let _ = self.tx.send(e.with_id(&self.id).into());
-        self.dispatcher
-            .cloud_finished(self.seq, Some(cause), 0, None);
     }
 }

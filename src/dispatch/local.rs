@@ -1,127 +1,216 @@
-//! The local route: moves one engine job's events to the request's replies.
+//! The local route: admission ([`crate::admission`], under the ledger's reservation lock), the engine job, and
+//! the pump that moves the job's events to the request's replies. Used for requests routed to the board and for
+//! cloud requests that fall back to it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
-use super::Dispatcher;
-use crate::engine::{FinishReason, Generation, JobEvent, JobHandle};
-use crate::protocol::{Done, ErrorCode, Id, Reply, Served, Timing, Usage, WireError};
+use super::ledger::{ms, Completion, Ledger, Outcome};
+use crate::admission::{self, Board, Limits, LocalAsk};
+use crate::budget::KvModel;
+use crate::cloud::Cause;
+use crate::config::HotAction;
+use crate::engine::{
+    Backend, CancelToken, FinishReason, Generation, JobEvent, JobHandle, JobOptions,
+    ValidatedRequest,
+};
+use crate::errors::Refusal;
+use crate::governor::Budget;
+use crate::protocol::{Done, OnDeadline, Reply, Served, Timing, Usage, WireError};
 
-pub(super) fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
+/// Runs admitted requests on the backend. Shared by the dispatcher and the cloud jobs that fall back.
+pub(super) struct LocalRunner {
+    pub backend: Arc<dyn Backend>,
+    pub ledger: Arc<Ledger>,
+    /// How much KV cache a request reserves; `None` reserves nothing.
+    pub kv: Option<KvModel>,
+    /// The governor's view; `None` runs ungoverned.
+    pub budget: Option<watch::Receiver<Budget>>,
+    /// The configured memory budget, used when ungoverned.
+    pub memory_budget: u64,
+    pub hot_action: HotAction,
+}
+
+/// How a local run answers and what bounds it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LocalRun {
+    pub stream: bool,
+    pub received: Instant,
+    pub route_reason: &'static str,
+    /// The cloud's failure cause, when this run is a fallback.
+    pub fallback: Option<Cause>,
+    pub on_deadline: OnDeadline,
+    pub opts: JobOptions,
+}
+
+/// A run admitted and queued on the engine.
+pub(super) struct Queued {
+    job: JobHandle,
+    prompt_tokens: usize,
+    /// `max_tokens` as lowered to meet the deadline; reaching it ends with `budget`, not `length`.
+    shortened: Option<usize>,
+}
+
+impl Queued {
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+}
+
+impl LocalRunner {
+    /// The governor's current view, as admission reads it.
+    pub fn board(&self) -> Option<Board> {
+        self.budget.as_ref().map(|b| Board::from(&*b.borrow()))
+    }
+
+    /// Admits `v` for request `seq`, reserves its KV cache and queues it on the engine with `cancel`. On a
+    /// refusal nothing stays reserved.
+    pub fn queue(
+        &self,
+        seq: u64,
+        run: &LocalRun,
+        mut v: ValidatedRequest,
+        cancel: &CancelToken,
+    ) -> Result<Queued, WireError> {
+        let prompt_tokens = v.prompt_ids().len();
+        let ask = LocalAsk {
+            prompt_tokens,
+            max_new_tokens: v.max_new_tokens(),
+            // Deadline fitting is for requests that stay local (`on_deadline`); a fallback runs as it can, and
+            // the engine still stops it at the deadline.
+            time_left: run
+                .opts
+                .deadline
+                .filter(|_| run.fallback.is_none())
+                .map(|d| d.saturating_duration_since(Instant::now())),
+            on_deadline: run.on_deadline,
+        };
+        let (board, speed) = (self.board(), self.ledger.local_speed());
+        let admitted = self.ledger.reserve(seq, |reserved| {
+            admission::admit(
+                &ask,
+                &Limits {
+                    board,
+                    hot_action: self.hot_action,
+                    speed,
+                    kv: self.kv,
+                    memory_budget: self.memory_budget,
+                    reserved,
+                },
+            )
+        });
+        let admitted = admitted.map_err(|r| WireError::from(&r))?;
+        if admitted.shortened {
+            v.shorten_to(admitted.max_new_tokens);
+            log::info!(seq, max_tokens = ask.max_new_tokens, shortened_to = admitted.max_new_tokens,
+                left_ms = ask.time_left.unwrap_or_default().as_millis() as u64; "shortened to meet the deadline");
+        }
+        match self.backend.submit(v, run.opts, cancel.clone()) {
+            Ok(job) => Ok(Queued {
+                job,
+                prompt_tokens,
+                shortened: admitted.shortened.then_some(admitted.max_new_tokens),
+            }),
+            Err(e) => {
+                self.ledger.release(seq);
+                Err(WireError::from(&e))
+            }
+        }
+    }
+
+    /// Moves the queued job's events to `completion`'s replies, on a task of its own.
+    pub fn spawn(&self, run: LocalRun, queued: Queued, completion: Completion) {
+        let pump = Pump {
+            run,
+            model: self.backend.name().to_string(),
+            submitted: Instant::now(),
+            prompt_tokens: queued.prompt_tokens,
+            shortened: queued.shortened,
+            completion,
+        };
+        tokio::spawn(pump.run(queued.job));
+    }
 }
 
 /// Moves one job's engine events to its replies.
-pub(super) struct Pump {
-    pub dispatcher: Arc<Dispatcher>,
-    pub seq: u64,
-    pub id: Id,
-    pub stream: bool,
-    pub received: Instant,
-    pub prompt_tokens: usize,
-    pub route_reason: &'static str,
-    /// The cloud failure that sent it here, when it is a fallback.
-    pub fallback: Option<&'static str>,
-    /// `max_tokens` as lowered to meet the deadline; reaching it ends with `budget`, not `length`.
-    pub shortened: Option<usize>,
-    pub tx: UnboundedSender<Reply>,
+struct Pump {
+    run: LocalRun,
+    model: String,
+    submitted: Instant,
+    prompt_tokens: usize,
+    shortened: Option<usize>,
+    completion: Completion,
 }
 
 impl Pump {
-    pub async fn run(self, mut job: JobHandle) {
-        let submitted = Instant::now();
+    async fn run(self, mut job: JobHandle) {
         while let Some(ev) = job.events.recv().await {
             match ev {
-                JobEvent::Token(t) => {
-                    if self.stream && !t.text.is_empty() {
-                        self.send(
-                            Reply::Token {
-                                id: self.id.clone(),
-                                text: t.text,
-                            },
-                            &job,
-                        );
-                    }
-                }
+                JobEvent::Token(t) => self.token(t.text, &job),
                 JobEvent::Done(g) => {
-                    self.done(&g, submitted, &job);
-                    self.dispatcher.finished(self.seq, Ok(&g));
-                    return;
+                    self.token(g.trailing_text.clone(), &job);
+                    return self.done(&g);
                 }
                 JobEvent::Error(e) => {
-                    log::warn!(id:% = self.id, code:? = WireError::from(&e).code; "request failed: {e}");
-                    self.send(WireError::from(&e).with_id(&self.id).into(), &job);
-                    self.dispatcher.finished(self.seq, Err(()));
-                    return;
+                    let w = WireError::from(&e);
+                    log::warn!(id:% = self.completion.id(), code = w.code.as_str(); "request failed: {e}");
+                    return self.completion.fail(w, None);
                 }
             }
         }
         // The engine dropped the job without a terminal event: only if its thread died.
-        self.send(
-            WireError::new(ErrorCode::Internal, "the engine stopped")
-                .with_id(&self.id)
-                .into(),
-            &job,
-        );
-        self.dispatcher.finished(self.seq, Err(()));
+        self.completion.fail(Refusal::EngineStopped.into(), None);
     }
 
-    fn send(&self, reply: Reply, job: &JobHandle) {
-        if self.tx.send(reply).is_err() {
-            job.cancel.cancel();
+    /// Streams `text`; a requester that went away cancels the job.
+    fn token(&self, text: String, job: &JobHandle) {
+        if self.run.stream && !text.is_empty() {
+            let id = self.completion.id().clone();
+            if !self.completion.send(Reply::Token { id, text }) {
+                job.cancel.cancel();
+            }
         }
     }
 
-    fn done(&self, g: &Generation, submitted: Instant, job: &JobHandle) {
-        if self.stream && !g.trailing_text.is_empty() {
-            self.send(
-                Reply::Token {
-                    id: self.id.clone(),
-                    text: g.trailing_text.clone(),
-                },
-                job,
-            );
-        }
-        let queue = (submitted - self.received) + g.queue_time;
+    fn done(self, g: &Generation) {
+        let queue = (self.submitted - self.run.received) + g.queue_time;
         let timing = Timing {
             queue_ms: ms(queue),
             ttft_ms: ms(queue + g.ttft),
             total_ms: ms(queue + g.total),
             tokens_per_s: (g.decode_tokens_per_second() * 10.0).round() / 10.0,
         };
+        let fallback = self.run.fallback.map(Cause::as_str);
         log::info!(
-            id:% = self.id, route = "local", route_reason = self.route_reason, fallback:? = self.fallback,
-            finish_reason:? = g.finish_reason, prompt_tokens = self.prompt_tokens,
+            id:% = self.completion.id(), route = "local", route_reason = self.run.route_reason,
+            fallback:? = fallback, finish_reason:? = g.finish_reason, prompt_tokens = self.prompt_tokens,
             completion_tokens = g.completion_tokens(), queue_ms = timing.queue_ms, ttft_ms = timing.ttft_ms,
             total_ms = timing.total_ms;
             "request done"
         );
-        log::trace!(id:% = self.id; "answer: {:?}", g.text);
-        self.send(
-            Reply::Done(Done {
-                id: self.id.clone(),
-                text: (!self.stream).then(|| g.text.clone()),
-                route: Served::Local,
-                route_reason: self.route_reason.to_string(),
-                fallback: self.fallback.map(str::to_string),
-                cached: false,
-                deferred: false,
-                model: self.dispatcher.model_name().to_string(),
-                finish_reason: match (g.finish_reason, self.shortened) {
-                    (FinishReason::Length, Some(n)) if g.completion_tokens() >= n => {
-                        FinishReason::Budget
-                    }
-                    (r, _) => r,
-                },
-                usage: Usage {
-                    prompt_tokens: g.prompt_tokens,
-                    completion_tokens: g.completion_tokens(),
-                },
-                timing,
-            }),
-            job,
-        );
+        log::trace!(id:% = self.completion.id(); "answer: {:?}", g.text);
+        let finish_reason = match (g.finish_reason, self.shortened) {
+            (FinishReason::Length, Some(n)) if g.completion_tokens() >= n => FinishReason::Budget,
+            (r, _) => r,
+        };
+        let done = Done {
+            id: self.completion.id().clone(),
+            text: (!self.run.stream).then(|| g.text.clone()),
+            route: Served::Local,
+            route_reason: self.run.route_reason.to_string(),
+            fallback: fallback.map(str::to_string),
+            cached: false,
+            deferred: false,
+            model: self.model,
+            finish_reason,
+            usage: Usage {
+                prompt_tokens: g.prompt_tokens,
+                completion_tokens: g.completion_tokens(),
+            },
+            timing,
+        };
+        self.completion.finish(Reply::Done(done), Outcome::Local(g));
     }
 }

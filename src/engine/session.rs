@@ -33,6 +33,19 @@ pub enum FinishReason {
     ContentFilter,
 }
 
+impl FinishReason {
+    /// The wire name (`stop`, `length`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Budget => "budget",
+            FinishReason::ContentFilter => "content_filter",
+        }
+    }
+}
+
 /// One generated token, as streamed.
 #[derive(Debug, Clone)]
 pub struct TokenEvent {

@@ -15,6 +15,7 @@ use super::{
     EngineError, FinishReason, GenerateParams, Generation, Model, Prompt, TokenEvent,
     ValidatedRequest,
 };
+use crate::meta::GenerationDefaults;
 
 /// What a job streams back: tokens, then exactly one `Done` or `Error`.
 #[derive(Debug)]
@@ -91,20 +92,32 @@ impl EngineHealth {
 }
 
 /// What serves validated requests. The daemon talks to inference only through this trait, and the only way to
-/// make a [`ValidatedRequest`] is [`Backend::prepare`].
+/// make a [`ValidatedRequest`] is [`Backend::prepare`]. [`Engine`] is the real one; the dispatcher's tests use a
+/// fake.
 pub trait Backend: Send + Sync + 'static {
-    /// The model served.
-    fn model(&self) -> &Arc<Model>;
+    /// The model's name, as replies and `status` report it.
+    fn name(&self) -> &str;
+    /// The model's sampling defaults, for what a request leaves unset.
+    fn generation_defaults(&self) -> &GenerationDefaults;
+    /// Inference threads per forward pass.
+    fn threads(&self) -> usize;
+    /// The kernel running the packed ternary products (`none` for int8 exports).
+    fn kernel(&self) -> &'static str;
     /// Validates a request against the model (see [`Model::prepare`]).
     fn prepare(
         &self,
         prompt: &Prompt,
         params: GenerateParams,
-    ) -> Result<ValidatedRequest, EngineError> {
-        self.model().prepare(prompt, params)
-    }
-    /// Queues a request; [`EngineError::Busy`] at once when the queue is full.
-    fn submit(&self, req: ValidatedRequest, opts: JobOptions) -> Result<JobHandle, EngineError>;
+    ) -> Result<ValidatedRequest, EngineError>;
+    /// Queues a request that `cancel` stops (the caller keeps a clone; the returned handle carries one too);
+    /// [`EngineError::Busy`] at once when the queue is full. The job's events end with exactly one `Done` or
+    /// `Error`, unless its slot thread dies.
+    fn submit(
+        &self,
+        req: ValidatedRequest,
+        opts: JobOptions,
+        cancel: CancelToken,
+    ) -> Result<JobHandle, EngineError>;
     /// Liveness and load.
     fn health(&self) -> EngineHealth;
 }
@@ -214,13 +227,37 @@ impl Engine {
 }
 
 impl Backend for Engine {
-    fn model(&self) -> &Arc<Model> {
-        &self.model
+    fn name(&self) -> &str {
+        &self.model.meta.name
     }
 
-    fn submit(&self, req: ValidatedRequest, opts: JobOptions) -> Result<JobHandle, EngineError> {
+    fn generation_defaults(&self) -> &GenerationDefaults {
+        &self.model.meta.generation_defaults
+    }
+
+    fn threads(&self) -> usize {
+        self.model.threads()
+    }
+
+    fn kernel(&self) -> &'static str {
+        self.model.kernel().map_or("none", |k| k.name())
+    }
+
+    fn prepare(
+        &self,
+        prompt: &Prompt,
+        params: GenerateParams,
+    ) -> Result<ValidatedRequest, EngineError> {
+        self.model.prepare(prompt, params)
+    }
+
+    fn submit(
+        &self,
+        req: ValidatedRequest,
+        opts: JobOptions,
+        cancel: CancelToken,
+    ) -> Result<JobHandle, EngineError> {
         let (tx, events) = unbounded_channel();
-        let cancel = CancelToken::default();
         // Counted before sending so that a slot taking the job at once never sees the counter below zero.
         self.shared.waiting.fetch_add(1, Ordering::SeqCst);
         let job = Job {

@@ -45,7 +45,18 @@ impl Default for Limits {
 }
 
 /// How hot the board runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Thermal {
     #[default]
@@ -55,7 +66,7 @@ pub enum Thermal {
 }
 
 /// The governor's state after a reading.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct State {
     pub thermal: Thermal,
     pub under_voltage: bool,
@@ -67,7 +78,7 @@ pub struct State {
 }
 
 /// What the scheduler and router should do now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Directive {
     /// Inference threads to use.
     pub threads: usize,

@@ -12,7 +12,7 @@ use super::policy::{directive, step, Directive, Limits, State};
 use super::telemetry::{Reading, Telemetry};
 
 /// The governor's view, as `status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Budget {
     #[serde(flatten)]
     pub state: State,

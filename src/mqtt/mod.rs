@@ -6,6 +6,7 @@
 pub mod addressing;
 mod options;
 mod service;
+mod status;
 
 use std::path::PathBuf;
 

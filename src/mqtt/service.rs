@@ -17,14 +17,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 use crate::deferred::{DeferredQueue, Deliver, ReplyTo, StoredResult};
-use crate::dispatch::{Dispatcher, Origin, Ticket};
-use crate::inflight::InFlight;
-use crate::protocol::{self, ErrorCode, Incoming, Reply, WireError};
+use crate::dispatch::{Dispatcher, Origin};
+use crate::errors::{Refusal, Scope};
+use crate::handler::{Handled, Handler, Replies};
+use crate::protocol::{self, id_text, Command, Id, Incoming, ParseError, Reply, WireError};
 
 use super::addressing::{
     backoff, from_hex, hex, reply_address, request_key, Dedup, ReplyAddress, ReplyHints,
 };
 use super::options::mqtt_options;
+use super::status::{discovery_configs, status_payload};
 use super::{MqttError, CONTENT_TYPE};
 
 /// Requests remembered for duplicate detection, and for how long.
@@ -49,7 +51,8 @@ struct Shared {
     cfg: MqttConfig,
     client: AsyncClient,
     dispatcher: Arc<Dispatcher>,
-    in_flight: InFlight<String>,
+    /// Requests by reply address and id; `[mqtt] max_in_flight` for all clients together.
+    handler: Handler<String>,
 }
 
 impl Mqtt {
@@ -59,15 +62,15 @@ impl Mqtt {
         dispatcher: Arc<Dispatcher>,
         deliveries: Option<(Arc<DeferredQueue>, Deliver)>,
     ) -> Result<Mqtt, MqttError> {
-        let offline = status_payload(&cfg, &dispatcher, "offline");
+        let offline = status_payload(&cfg, &dispatcher.status(None), "offline");
         let opts = mqtt_options(&cfg, &offline)?;
         let (client, events) = AsyncClient::new(opts, CLIENT_QUEUE);
         Ok(Mqtt {
             shared: Arc::new(Shared {
+                handler: Handler::new(dispatcher.clone(), cfg.max_in_flight, Scope::Mqtt),
                 cfg,
                 client,
                 dispatcher,
-                in_flight: InFlight::default(),
             }),
             events,
             deliveries,
@@ -113,7 +116,7 @@ impl Mqtt {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if !stopping {
-                            shared.handle(p, &mut dedup);
+                            shared.handle(p, &mut dedup).await;
                         }
                     }
                     Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -134,13 +137,13 @@ impl Mqtt {
                         }
                         if stop.is_cancelled() && !connected {
                             // Nothing can be published; the broker already shows the Last Will.
-                            shared.in_flight.cancel_all();
+                            shared.handler.cancel_all();
                             return;
                         }
                     }
                 },
                 _ = status_tick.tick(), if connected && !stopping => {
-                    let now = status_payload(cfg, &shared.dispatcher, "online");
+                    let now = shared.status_payload("online");
                     if published_status.as_ref() != Some(&now) {
                         shared.publish_status(now.clone());
                         published_status = Some(now);
@@ -150,16 +153,17 @@ impl Mqtt {
                     stopping = true;
                     let _ = shared.client.try_unsubscribe(cfg.request_filter());
                     if connected {
-                        shared.publish_status(status_payload(cfg, &shared.dispatcher, "draining"));
+                        shared.publish_status(shared.status_payload("draining"));
                     }
                 }
                 Some(r) = next_delivery(&mut deliveries), if connected && !stopping => {
                     shared.deliver(&r, queue.as_deref()).await;
                 }
-                _ = shared.in_flight.empty(), if stopping => break,
+                // Every terminal reply queued for the broker.
+                _ = shared.handler.finished(), if stopping => break,
             }
         }
-        shared.publish_status(status_payload(cfg, &shared.dispatcher, "offline"));
+        shared.publish_status(shared.status_payload("offline"));
         let _ = shared.client.try_disconnect();
         let flush = async {
             loop {
@@ -212,9 +216,9 @@ impl Shared {
         }
     }
 
-    /// Handles one incoming message. Never waits: replies that must be sent from here are queued with
-    /// `try_publish`.
-    fn handle(self: &Arc<Self>, p: Publish, dedup: &mut Dedup) {
+    /// Handles one incoming message. Never waits for inference: replies to control messages and refusals are
+    /// queued with `try_publish`.
+    async fn handle(&self, p: Publish, dedup: &mut Dedup) {
         let received = Instant::now();
         let props = p.properties.unwrap_or_default();
         let mut hints = ReplyHints {
@@ -223,231 +227,167 @@ impl Shared {
             ..Default::default()
         };
         let parsed = if p.payload.len() > self.cfg.max_payload_bytes {
-            Err(WireError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "payload of {} bytes is over the limit of {}",
-                    p.payload.len(),
-                    self.cfg.max_payload_bytes
-                ),
-            ))
-        } else {
-            protocol::parse_json(&p.payload).and_then(|v| take_reply_to(v, &mut hints))
-        };
-        let addr = reply_address(&self.cfg.topic_prefix, &hints);
-        let id_text = hints.id.clone().unwrap_or_default();
-        let incoming = match parsed {
-            Ok(i) => i,
-            Err(e) => return self.refuse(addr, e, &p.topic),
-        };
-        match incoming {
-            Incoming::Command {
-                id: Some(id),
-                cmd: protocol::Command::Result,
-            } => match addr {
-                Some(a) => self.try_send(&a, &self.dispatcher.result(&id), QoS::AtLeastOnce),
-                None => log::warn!("MQTT result request without a reply address"),
-            },
-            Incoming::Command {
-                id: None,
-                cmd: protocol::Command::Result,
-            } => self.refuse(
-                addr,
-                WireError::new(
-                    ErrorCode::BadRequest,
-                    "`cmd: result` needs the `id` of the deferred request",
-                ),
-                &p.topic,
-            ),
-            Incoming::Command {
-                id,
-                cmd: protocol::Command::Status,
-            } => match addr {
-                Some(a) => self.try_send(
-                    &a,
-                    &Reply::Status(Box::new(self.dispatcher.status(id))),
-                    QoS::AtLeastOnce,
-                ),
-                None => log::warn!("MQTT status request without a reply address"),
-            },
-            Incoming::Cancel { .. } => {
-                if let Some(a) = addr {
-                    self.in_flight.cancel(&request_key(&a, &id_text));
-                }
+            Err(Refusal::PayloadTooLarge {
+                size: p.payload.len(),
+                limit: self.cfg.max_payload_bytes,
             }
-            Incoming::Request(req) => {
-                let Some(addr) = addr else {
-                    return log::warn!("MQTT request without a reply address");
-                };
-                let key = request_key(&addr, &id_text);
-                if !dedup.first_time(&key, received) {
-                    log::info!(id = id_text.as_str(); "MQTT redelivery of a request already taken: ignored");
+            .into())
+        } else {
+            protocol::parse_json(&p.payload)
+                .and_then(|v| take_reply_to(v, &mut hints))
+                .map_err(WireError::from)
+        };
+        let Some(addr) = reply_address(&self.cfg.topic_prefix, &hints) else {
+            return self.unaddressed(parsed, &p.topic);
+        };
+        let to = Publisher {
+            client: self.client.clone(),
+            addr,
+        };
+        let key = match &parsed {
+            Ok(Incoming::Request(req)) => {
+                let key = to.key(&req.id);
+                // Still running, or seen lately: a redelivery (QoS 1), answered once by the first delivery.
+                if self.handler.is_in_flight(&key) || !dedup.first_time(&key, received) {
+                    log::info!(id:% = req.id; "MQTT redelivery of a request already taken: ignored");
                     return;
                 }
-                let id = req.id.clone();
-                if self.in_flight.len() >= self.cfg.max_in_flight {
-                    dedup.forget(&key);
-                    let mut e = WireError::new(
-                        ErrorCode::Busy,
-                        format!("at most {} MQTT requests in flight", self.cfg.max_in_flight),
-                    );
-                    e.retry_after_ms = Some(1000);
+                Some(key)
+            }
+            _ => None,
+        };
+        let origin = Origin {
+            source: "mqtt",
+            received,
+            start_by: props
+                .message_expiry_interval
+                .map(|s| received + Duration::from_secs(s.into())),
+            reply_to: ReplyTo::Mqtt {
+                topic: to.addr.topic.clone(),
+                correlation: to.addr.correlation.as_ref().map(|c| hex(c)),
+            },
+        };
+        let handled = self.handler.handle(parsed, origin, to).await;
+        if let (Some(key), Handled::Refused) = (key, handled) {
+            // Refused, not taken: a redelivery may try again.
+            dedup.forget(&key);
+        }
+    }
+
+    /// A message with nowhere to answer: logged (and counted when refused), never run.
+    fn unaddressed(&self, parsed: Result<Incoming, WireError>, topic: &Bytes) {
+        let topic = String::from_utf8_lossy(topic);
+        match parsed {
+            Err(e) => {
+                self.dispatcher.record_rejected();
+                log::warn!(topic:% = topic, code = e.code.as_str();
+                    "MQTT message refused, no reply address: {}", e.message);
+            }
+            Ok(Incoming::Request(_)) => {
+                log::warn!(topic:% = topic; "MQTT request without a reply address")
+            }
+            Ok(Incoming::Command { id, cmd }) => {
+                if id.is_none() && cmd == Command::Result {
                     self.dispatcher.record_rejected();
-                    return self.try_send(&addr, &e.with_id(&id).into(), QoS::AtLeastOnce);
                 }
-                let origin = Origin {
-                    source: "mqtt",
-                    received,
-                    start_by: props
-                        .message_expiry_interval
-                        .map(|s| received + Duration::from_secs(s.into())),
-                    reply_to: ReplyTo::Mqtt {
-                        topic: addr.topic.clone(),
-                        correlation: addr.correlation.as_ref().map(|c| hex(c)),
-                    },
-                };
-                match self.dispatcher.submit(*req, origin) {
-                    Ok(ticket) => {
-                        self.in_flight.insert(key.clone(), ticket.cancel_token());
-                        tokio::spawn(self.clone().forward(ticket, addr, key));
-                    }
-                    Err(e) => {
-                        dedup.forget(&key);
-                        self.try_send(&addr, &e.into(), QoS::AtLeastOnce);
-                    }
-                }
+                log::warn!(topic:% = topic, cmd:? = cmd; "MQTT command without a reply address")
             }
+            Ok(Incoming::Cancel { .. }) => {}
         }
     }
 
-    fn refuse(&self, addr: Option<ReplyAddress>, e: WireError, topic: &Bytes) {
-        self.dispatcher.record_rejected();
-        match addr {
-            Some(a) => self.try_send(&a, &e.into(), QoS::AtLeastOnce),
-            None => log::warn!(
-                topic:% = String::from_utf8_lossy(topic), code:? = e.code;
-                "MQTT message refused, no reply address: {}", e.message
-            ),
-        }
-    }
-
-    /// Publishes one request's replies: tokens at QoS 0 (dropped if the link is congested, as QoS 0 may be),
-    /// the terminal reply at QoS 1 (queued until the broker is back).
-    async fn forward(self: Arc<Self>, mut ticket: Ticket, addr: ReplyAddress, key: String) {
-        while let Some(reply) = ticket.replies.recv().await {
-            if reply.is_terminal() {
-                let (topic, payload, props) = message(&addr, &reply);
-                if let Err(e) = self
-                    .client
-                    .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
-                    .await
-                {
-                    log::error!("MQTT: the final reply could not be queued: {e}");
-                }
-                break;
-            }
-            self.try_send(&addr, &reply, QoS::AtMostOnce);
-        }
-        self.in_flight.remove(&key);
-    }
-
-    fn try_send(&self, addr: &ReplyAddress, reply: &Reply, qos: QoS) {
-        let (topic, payload, props) = message(addr, reply);
-        if let Err(e) = self
-            .client
-            .try_publish_with_properties(topic, qos, false, payload, props)
-        {
-            log::debug!("MQTT reply dropped: {e}");
-        }
+    fn status_payload(&self, state: &str) -> Vec<u8> {
+        status_payload(&self.cfg, &self.dispatcher.status(None), state)
     }
 
     fn publish_status(&self, payload: Vec<u8>) {
+        self.publish_retained(self.cfg.status_topic(), payload, "status");
+    }
+
+    fn announce_to_home_assistant(&self) {
+        for (topic, payload) in discovery_configs(&self.cfg, &self.dispatcher.status(None)) {
+            self.publish_retained(topic, payload, "discovery");
+        }
+    }
+
+    fn publish_retained(&self, topic: String, payload: Vec<u8>, what: &str) {
         let props = PublishProperties {
             content_type: Some(CONTENT_TYPE.into()),
             ..Default::default()
         };
-        let topic = self.cfg.status_topic();
-        if let Err(e) =
+        let r =
             self.client
-                .try_publish_with_properties(topic, QoS::AtLeastOnce, true, payload, props)
-        {
-            log::warn!("MQTT status not published: {e}");
+                .try_publish_with_properties(topic, QoS::AtLeastOnce, true, payload, props);
+        if let Err(e) = r {
+            log::warn!("MQTT {what} not published: {e}");
         }
     }
+}
 
-    /// Publishes retained Home Assistant discovery configs: a device per board with sensors read from the
-    /// retained status, available while the status says `online`.
-    fn announce_to_home_assistant(&self) {
-        let cfg = &self.cfg;
-        let s = self.dispatcher.status(None);
-        let device = json!({
-            "identifiers": [format!("bitnetd_{}", cfg.node)],
-            "name": format!("bitnetd {}", cfg.node),
-            "manufacturer": "bitnetd",
-            "model": s.model,
-            "sw_version": s.version,
-        });
-        for (object, name, template) in [
-            ("state", "State", "{{ value_json.state }}"),
-            ("model", "Model", "{{ value_json.model }}"),
-            (
-                "engine",
-                "Engine",
-                "{{ 'alive' if value_json.engine_alive else 'stuck' }}",
-            ),
-        ] {
-            let config = json!({
-                "name": name,
-                "unique_id": format!("bitnetd_{}_{object}", cfg.node),
-                "object_id": format!("bitnetd_{}_{object}", cfg.node),
-                "state_topic": cfg.status_topic(),
-                "value_template": template,
-                "availability_topic": cfg.status_topic(),
-                "availability_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
-                "device": device,
-            });
-            let topic = format!("homeassistant/sensor/{}/{object}/config", cfg.node);
-            let props = PublishProperties {
-                content_type: Some(CONTENT_TYPE.into()),
-                ..Default::default()
-            };
-            let payload = config.to_string().into_bytes();
-            if let Err(e) = self.client.try_publish_with_properties(
-                topic,
-                QoS::AtLeastOnce,
-                true,
-                payload,
-                props,
-            ) {
-                log::warn!("MQTT discovery not published: {e}");
-            }
+/// One message's reply address, as the handler's [`Replies`]: tokens go out at QoS 0 (dropped if the link is
+/// congested, as QoS 0 may be), every other reply at QoS 1 (queued until the broker is back).
+struct Publisher {
+    client: AsyncClient,
+    addr: ReplyAddress,
+}
+
+impl Publisher {
+    fn try_send(&self, reply: &Reply, qos: QoS) {
+        let (topic, payload, props) = message(&self.addr, reply);
+        let r = self
+            .client
+            .try_publish_with_properties(topic, qos, false, payload, props);
+        if let Err(e) = r {
+            log::debug!("MQTT reply dropped: {e}");
         }
+    }
+}
+
+impl Replies for Publisher {
+    type Key = String;
+
+    fn key(&self, id: &Id) -> String {
+        request_key(&self.addr, &id_text(id))
+    }
+
+    async fn answer(&self, reply: Reply) {
+        self.try_send(&reply, QoS::AtLeastOnce)
+    }
+
+    async fn forward(&self, reply: Reply) -> bool {
+        if !reply.is_terminal() {
+            self.try_send(&reply, QoS::AtMostOnce);
+            return true;
+        }
+        let (topic, payload, props) = message(&self.addr, &reply);
+        let r = self
+            .client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
+            .await;
+        if let Err(e) = r {
+            log::error!("MQTT: the final reply could not be queued: {e}");
+        }
+        true
     }
 }
 
 /// Takes `reply_to` out of a request object (it is MQTT addressing, not part of the shared request format),
 /// notes the id, and parses the rest.
-fn take_reply_to(mut v: Value, hints: &mut ReplyHints) -> Result<Incoming, WireError> {
+fn take_reply_to(mut v: Value, hints: &mut ReplyHints) -> Result<Incoming, ParseError> {
     if let Some(obj) = v.as_object_mut() {
-        hints.id = match obj.get("id") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        };
+        hints.id = obj
+            .get("id")
+            .filter(|id| id.is_string() || id.is_number())
+            .map(id_text);
         match obj.remove("reply_to") {
             None => {}
             Some(Value::String(t)) => hints.reply_to = Some(t),
-            Some(_) => {
-                return Err(WireError::new(
-                    ErrorCode::BadRequest,
-                    "`reply_to` must be a topic string",
-                ))
-            }
+            Some(_) => return Err(ParseError::new("`reply_to` must be a topic string")),
         }
     }
     let id = hints.id.clone();
     protocol::parse_value(v).map_err(|e| match (&e.id, id) {
-        (None, Some(id)) => WireError {
+        (None, Some(id)) => ParseError {
             id: Some(json!(id)),
             ..e
         },
@@ -466,32 +406,6 @@ fn message(addr: &ReplyAddress, reply: &Reply) -> (String, Vec<u8>, PublishPrope
         ..Default::default()
     };
     (addr.topic.clone(), payload, props)
-}
-
-/// The retained status: online/draining/offline, with the node, model and engine state.
-fn status_payload(cfg: &MqttConfig, d: &Dispatcher, state: &str) -> Vec<u8> {
-    let s = d.status(None);
-    json!({
-        "state": state,
-        "node": cfg.node,
-        "model": s.model,
-        "version": s.version,
-        "engine_alive": s.engine.alive,
-        "budget": match &s.budget {
-            Some(b) => json!({
-                "memory_bytes": b.state.memory_budget,
-                "thermal": b.state.thermal,
-                "under_voltage": b.state.under_voltage,
-                "memory_pressure": b.state.memory_pressure,
-                "local_paused": b.directive.local_paused,
-            }),
-            None => json!({"memory_bytes": s.memory.budget_bytes}),
-        },
-        "cloud": s.cloud.as_ref().map_or(json!("disabled"), |c| json!(c.link.state)),
-        "deferred_pending": s.cloud.as_ref().map_or(0, |c| c.deferred_pending),
-    })
-    .to_string()
-    .into_bytes()
 }
 
 fn seed() -> u64 {

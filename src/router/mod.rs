@@ -7,7 +7,7 @@ pub mod complexity;
 
 use std::time::Duration;
 
-use crate::protocol::{ErrorCode, Route, WireError};
+use crate::protocol::Route;
 
 /// What bitnetd knows about the cloud right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +111,21 @@ impl Reason {
     }
 }
 
+/// Why a request cannot run anywhere; [`crate::errors`] gives each its wire code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `route: "cloud"` with no cloud configured.
+    NoCloud,
+    /// `route: "cloud"` with the cloud unreachable and no `defer`.
+    CloudOffline,
+    /// The prompt does not fit the local context and the cloud cannot take it (`cloud` says why).
+    TooLongForBoard {
+        prompt_tokens: usize,
+        context: usize,
+        cloud: CloudState,
+    },
+}
+
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -122,7 +137,7 @@ pub enum Decision {
     },
     /// Kept on disk, and sent to the cloud when it is back.
     Defer(Reason),
-    Refuse(WireError),
+    Refuse(Refusal),
 }
 
 /// Decides where `req` runs. Rules, in order:
@@ -146,14 +161,8 @@ pub fn decide(req: &RouteRequest, s: &Situation) -> Decision {
                 fallback: false,
             },
             CloudState::Offline if req.defer => Decision::Defer(Reason::Requested),
-            CloudState::Offline => Decision::Refuse(WireError::new(
-                ErrorCode::CloudUnavailable,
-                "the cloud is unreachable; send `defer: true` to have it forwarded later",
-            )),
-            CloudState::Disabled => Decision::Refuse(WireError::new(
-                ErrorCode::CloudUnavailable,
-                "no cloud is configured on this board (no [cloud] API key)",
-            )),
+            CloudState::Offline => Decision::Refuse(Refusal::CloudOffline),
+            CloudState::Disabled => Decision::Refuse(Refusal::NoCloud),
         },
         Route::Auto => auto(req, s),
     }
@@ -171,14 +180,11 @@ fn auto(req: &RouteRequest, s: &Situation) -> Decision {
                 fallback: false,
             },
             CloudState::Offline if req.defer => Decision::Defer(Reason::TooLong),
-            _ => Decision::Refuse(WireError::new(
-                ErrorCode::TooLong,
-                format!(
-                    "the prompt is {prompt_tokens} tokens and the local model's context is {context}; the cloud, \
-                     which could take it, is {}",
-                    if s.cloud == CloudState::Disabled { "not configured" } else { "offline" }
-                ),
-            )),
+            cloud => Decision::Refuse(Refusal::TooLongForBoard {
+                prompt_tokens,
+                context,
+                cloud,
+            }),
         };
     } else if !s.local_admits {
         Some(Reason::BoardBusy)

@@ -42,9 +42,9 @@ fn cloud(reason: Reason) -> Decision {
     }
 }
 
-fn refused(d: Decision) -> ErrorCode {
+fn refused(d: Decision) -> Refusal {
     match d {
-        Decision::Refuse(e) => e.code,
+        Decision::Refuse(r) => r,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -110,7 +110,7 @@ fn cloud_route_offline_defers_only_when_allowed() {
     );
     assert_eq!(
         refused(decide(&req(Route::Cloud), &at(CloudState::Offline))),
-        ErrorCode::CloudUnavailable
+        Refusal::CloudOffline
     );
 }
 
@@ -122,7 +122,7 @@ fn cloud_route_without_a_cloud_is_refused_even_when_deferrable() {
     };
     assert_eq!(
         refused(decide(&r, &at(CloudState::Disabled))),
-        ErrorCode::CloudUnavailable
+        Refusal::NoCloud
     );
 }
 
@@ -154,11 +154,19 @@ fn auto_too_long_goes_to_the_cloud_without_fallback() {
     );
     assert_eq!(
         refused(decide(&r, &at(CloudState::Offline))),
-        ErrorCode::TooLong
+        Refusal::TooLongForBoard {
+            prompt_tokens: 3000,
+            context: 2048,
+            cloud: CloudState::Offline
+        }
     );
     assert_eq!(
         refused(decide(&r, &at(CloudState::Disabled))),
-        ErrorCode::TooLong
+        Refusal::TooLongForBoard {
+            prompt_tokens: 3000,
+            context: 2048,
+            cloud: CloudState::Disabled
+        }
     );
     let deferrable = RouteRequest { defer: true, ..r };
     assert_eq!(

@@ -4,7 +4,7 @@
 //! closes; when the client is gone entirely (hang-up, failed write) its requests are cancelled.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::unix::OwnedReadHalf;
@@ -12,9 +12,10 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Dispatcher, Origin, Ticket};
-use crate::inflight::InFlight;
-use crate::protocol::{self, ErrorCode, Id, Incoming, Reply, WireError};
+use crate::dispatch::{Dispatcher, Origin};
+use crate::errors::{Refusal, Scope};
+use crate::handler::{Handler, Replies};
+use crate::protocol::{self, Id, Reply, WireError};
 
 use super::lines::{Line, LineReader};
 
@@ -28,9 +29,25 @@ pub struct ConnectionLimits {
     pub max_requests: usize,
 }
 
-/// A request's key on its connection: its id as JSON text (so `"7"` and `7` differ).
-fn key(id: &Id) -> String {
-    id.to_string()
+/// The connection's writer queue, as the handler's [`Replies`]: a request's key is its id as JSON text (so
+/// `"7"` and `7` differ).
+#[derive(Clone)]
+struct Writer(mpsc::Sender<Reply>);
+
+impl Replies for Writer {
+    type Key = String;
+
+    fn key(&self, id: &Id) -> String {
+        id.to_string()
+    }
+
+    async fn answer(&self, reply: Reply) {
+        let _ = self.0.send(reply).await;
+    }
+
+    async fn forward(&self, reply: Reply) -> bool {
+        self.0.send(reply).await.is_ok()
+    }
 }
 
 /// How often a half-closed connection is checked for the client having gone entirely.
@@ -58,18 +75,23 @@ pub async fn serve(
             let _ = wr.shutdown().await;
         })
     };
-    let in_flight = Arc::new(InFlight::<String>::default());
+    let handler = Handler::<String>::new(dispatcher, limits.max_requests, Scope::Connection);
     let mut reader = LineReader::new(rd, limits.max_line_bytes);
     // Reading: until end of stream, the client going away, or shutdown with nothing left in flight.
     let mut reading = true;
     while reading {
         tokio::select! {
             line = reader.next() => match line {
-                Ok(Some(line)) => handle(line, &dispatcher, &in_flight, &out, limits).await,
+                Ok(Some(line)) => {
+                    if let Some(message) = read(line, limits) {
+                        let origin = Origin::now("socket");
+                        handler.handle(message, origin, Writer(out.clone())).await;
+                    }
+                }
                 Ok(None) | Err(_) => reading = false,
             },
             _ = gone.cancelled() => break,
-            _ = in_flight.empty(), if shutdown.is_cancelled() => break,
+            _ = handler.idle(), if shutdown.is_cancelled() => break,
             _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
         }
     }
@@ -77,14 +99,14 @@ pub async fn serve(
     // flight unless the client has hung up entirely or a write fails.
     if !reading {
         tokio::select! {
-            _ = in_flight.empty() => {}
+            _ = handler.idle() => {}
             _ = hung_up(reader.get_ref()) => {}
             _ = gone.cancelled() => {}
         }
     }
-    in_flight.cancel_all();
-    // Wait for the pumps to deliver the terminal replies of cancelled requests, then let the writer finish.
-    in_flight.empty().await;
+    handler.cancel_all();
+    // Wait for the terminal replies of cancelled requests to reach the writer, then let it finish.
+    handler.finished().await;
     drop(out);
     let _ = writer.await;
 }
@@ -99,122 +121,15 @@ async fn hung_up(rd: &OwnedReadHalf) {
     }
 }
 
-async fn handle(
-    line: Line,
-    dispatcher: &Arc<Dispatcher>,
-    in_flight: &Arc<InFlight<String>>,
-    out: &mpsc::Sender<Reply>,
-    limits: ConnectionLimits,
-) {
-    let received = Instant::now();
-    let reply = |e: WireError| async move {
-        dispatcher.record_rejected();
-        let _ = out.send(e.into()).await;
-    };
-    let text = match line {
-        Line::Text(t) if t.trim().is_empty() => return,
-        Line::Text(t) => t,
-        Line::TooLong => {
-            let msg = format!("line longer than {} bytes", limits.max_line_bytes);
-            return reply(WireError::new(ErrorCode::TooLarge, msg)).await;
+/// One line as a message for the handler; `None` for a blank line.
+fn read(line: Line, limits: ConnectionLimits) -> Option<Result<protocol::Incoming, WireError>> {
+    match line {
+        Line::Text(t) if t.trim().is_empty() => None,
+        Line::Text(t) => Some(protocol::parse(t.as_bytes()).map_err(WireError::from)),
+        Line::TooLong => Some(Err(Refusal::LineTooLong {
+            limit: limits.max_line_bytes,
         }
-        Line::NotUtf8 => {
-            return reply(WireError::new(ErrorCode::BadRequest, "line is not UTF-8")).await
-        }
-    };
-    match protocol::parse(text.as_bytes()) {
-        Err(e) => reply(e).await,
-        Ok(Incoming::Command {
-            id,
-            cmd: protocol::Command::Status,
-        }) => {
-            let _ = out
-                .send(Reply::Status(Box::new(dispatcher.status(id))))
-                .await;
-        }
-        Ok(Incoming::Command {
-            id,
-            cmd: protocol::Command::Result,
-        }) => match id {
-            Some(id) => {
-                let _ = out.send(dispatcher.result(&id)).await;
-            }
-            None => {
-                reply(WireError::new(
-                    ErrorCode::BadRequest,
-                    "`{\"cmd\":\"result\"}` needs the `id` of the deferred request",
-                ))
-                .await
-            }
-        },
-        Ok(Incoming::Cancel { id }) => in_flight.cancel(&key(&id)),
-        Ok(Incoming::Request(req)) => {
-            // Only this task adds to this connection's set, so the checks below still hold at the insert.
-            let k = key(&req.id);
-            let refuse = {
-                if in_flight.contains(&k) {
-                    Some(WireError::new(
-                        ErrorCode::BadRequest,
-                        "a request with this id is in flight",
-                    ))
-                } else if in_flight.len() >= limits.max_requests {
-                    let mut e = WireError::new(
-                        ErrorCode::Busy,
-                        format!(
-                            "at most {} requests in flight per connection",
-                            limits.max_requests
-                        ),
-                    );
-                    e.retry_after_ms = Some(1000);
-                    Some(e)
-                } else {
-                    None
-                }
-            };
-            if let Some(e) = refuse {
-                return reply(e.with_id(&req.id)).await;
-            }
-            let id = req.id.clone();
-            match dispatcher.submit(
-                *req,
-                Origin {
-                    received,
-                    ..Origin::now("socket")
-                },
-            ) {
-                Err(e) => {
-                    let _ = out.send(e.into()).await;
-                }
-                Ok(ticket) => {
-                    in_flight.insert(k, ticket.cancel_token());
-                    tokio::spawn(forward(ticket, id, in_flight.clone(), out.clone()));
-                }
-            }
-        }
+        .into())),
+        Line::NotUtf8 => Some(Err(Refusal::NotUtf8.into())),
     }
-}
-
-/// Copies one request's replies to the connection's writer.
-async fn forward(
-    mut ticket: Ticket,
-    id: Id,
-    in_flight: Arc<InFlight<String>>,
-    out: mpsc::Sender<Reply>,
-) {
-    while let Some(reply) = ticket.replies.recv().await {
-        let terminal = reply.is_terminal();
-        if terminal {
-            // Free the id before the client can see the answer, so that it may reuse the id at once. The
-            // writer outlives this task (it ends when every sender, this one included, is dropped), so the
-            // terminal reply is still written.
-            in_flight.remove(&key(&id));
-        }
-        if out.send(reply).await.is_err() {
-            ticket.cancel();
-        }
-        if terminal {
-            return;
-        }
-    }
-    in_flight.remove(&key(&id));
 }

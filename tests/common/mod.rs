@@ -48,6 +48,21 @@ pub fn run_json(cmd: &mut Command) -> serde_json::Value {
     serde_json::from_slice(&run_ok(cmd).stdout).expect("one JSON object on stdout")
 }
 
+/// Whether `tool` runs (`tool args`). A missing tool fails the test under `CI=true` (`.ci/run` installs every
+/// tool the tests use, so a missing one is a broken CI); elsewhere the test says it is skipped, on stderr, and
+/// the caller returns.
+pub fn have_tool(tool: &str, args: &[&str]) -> bool {
+    if Command::new(tool).args(args).output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{tool} is not installed, and under CI=true no test may skip (.ci/run installs it)"
+    );
+    eprintln!("SKIPPED: {tool} is not installed (.ci/run installs it)");
+    false
+}
+
 /// How long a test waits for the daemon before failing.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -57,6 +72,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     stderr: Arc<Mutex<String>>,
+    /// The thread copying stderr; it ends at the pipe's end of file.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -116,7 +133,7 @@ impl Daemon {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
                 if n == 0 {
@@ -132,6 +149,7 @@ impl Daemon {
             dir,
             socket,
             stderr,
+            reader: Some(reader),
         }
     }
 
@@ -143,6 +161,19 @@ impl Daemon {
     /// What the daemon logged so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `needle` `times` times (panics with the log after [`PATIENCE`]).
+    pub fn wait_for_log(&self, needle: &str, times: usize) {
+        let start = Instant::now();
+        while self.log().matches(needle).count() < times {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "never logged {needle:?} {times} times: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until the socket accepts connections (panics with the log if the daemon exits first).
@@ -178,8 +209,10 @@ impl Daemon {
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                // Let the stderr thread drain.
-                std::thread::sleep(Duration::from_millis(50));
+                // The whole log is in once the copying thread has seen the end of the pipe.
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
                 return s;
             }
             assert!(
@@ -275,18 +308,23 @@ pub fn set_temperature(board: &std::path::Path, celsius: f32) {
     std::fs::rename(zone.join("temp.tmp"), zone.join("temp")).unwrap();
 }
 
-/// Polls `status` until its `budget` object passes `check` (20 s at most).
-pub fn wait_for_budget(c: &mut Client, check: impl Fn(&Value) -> bool) -> Value {
+/// Polls `status` until it passes `check` (20 s at most).
+pub fn wait_for_status(c: &mut Client, check: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();
     loop {
         let s = c.status();
-        if check(&s["budget"]) {
+        if check(&s) {
             return s;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "budget never got there: {s}"
+            "status never got there: {s}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Polls `status` until its `budget` object passes `check` (20 s at most).
+pub fn wait_for_budget(c: &mut Client, check: impl Fn(&Value) -> bool) -> Value {
+    wait_for_status(c, |s| check(&s["budget"]))
 }

@@ -1,5 +1,6 @@
 //! The durable queue, including what a crash at each step leaves behind.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;

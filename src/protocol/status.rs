@@ -1,52 +1,21 @@
-//! What `{"cmd":"status"}` reports, and the counters behind it.
+//! What `{"cmd":"status"}` reports.
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::cloud::connectivity::LinkStatus;
+use super::Id;
 use crate::governor::Budget;
-use crate::protocol::Id;
-
-/// Counters kept by the dispatcher.
-#[derive(Debug, Default)]
-pub(super) struct Counters {
-    pub accepted: u64,
-    pub done: u64,
-    pub failed: u64,
-    pub rejected: u64,
-    pub deferred: u64,
-    pub tokens_out: u64,
-    /// Moving averages over recent local requests.
-    pub tokens_per_s: Option<f64>,
-    pub ttft_ms: Option<f64>,
-    /// Moving averages over recent cloud requests (time to first token from acceptance).
-    pub cloud_tokens_per_s: Option<f64>,
-    pub cloud_ttft_ms: Option<f64>,
-    /// Accepted requests by route (`local`, `cloud`, `deferred`) and reason.
-    pub routes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
-    /// Cloud requests that ran locally instead, by the cloud's failure cause.
-    pub fallbacks: BTreeMap<&'static str, u64>,
-    /// Cloud failures by cause (whether or not a fallback followed).
-    pub cloud_errors: BTreeMap<&'static str, u64>,
-}
-
-/// Weight of the newest request in the moving averages.
-const EWMA_ALPHA: f64 = 0.2;
-
-pub(super) fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
-    Some(old.map_or(new, |o| o + EWMA_ALPHA * (new - o)))
-}
 
 /// What `{"cmd":"status"}` returns.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Id>,
-    pub version: &'static str,
+    pub version: String,
     pub model: String,
     /// `ready` or `draining`.
-    pub state: &'static str,
+    pub state: String,
     pub uptime_s: f64,
     pub engine: EngineStatus,
     pub requests: RequestCounts,
@@ -63,7 +32,7 @@ pub struct Status {
     pub cloud: Option<CloudStatus>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineStatus {
     pub alive: bool,
     pub slots: usize,
@@ -72,10 +41,10 @@ pub struct EngineStatus {
     pub queue_depth: usize,
     pub threads: usize,
     /// The kernel running the packed ternary products (`none` for int8 exports).
-    pub kernel: &'static str,
+    pub kernel: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestCounts {
     /// Accepted (each gets exactly one terminal reply).
     pub accepted: u64,
@@ -90,25 +59,26 @@ pub struct RequestCounts {
     pub in_flight: usize,
     pub tokens_generated: u64,
     /// Accepted requests by route (`local`, `cloud`, `deferred`), then by reason.
-    pub routes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    pub routes: BTreeMap<String, BTreeMap<String, u64>>,
     /// Requests meant for the cloud that ran locally, by the cloud's failure cause.
-    pub fallbacks: BTreeMap<&'static str, u64>,
+    pub fallbacks: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatencyStatus {
     pub local: RouteLatency,
     pub cloud: RouteLatency,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RouteLatency {
     pub ttft_ms: Option<f64>,
     pub tokens_per_s: Option<f64>,
 }
 
 impl RouteLatency {
-    pub(super) fn rounded(ttft_ms: Option<f64>, tokens_per_s: Option<f64>) -> RouteLatency {
+    /// Rounded to one decimal.
+    pub fn rounded(ttft_ms: Option<f64>, tokens_per_s: Option<f64>) -> RouteLatency {
         let r = |v: f64| (v * 10.0).round() / 10.0;
         RouteLatency {
             ttft_ms: ttft_ms.map(r),
@@ -117,7 +87,7 @@ impl RouteLatency {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryStatus {
     pub rss_bytes: Option<u64>,
     /// Resident size just before the model was loaded: the daemon's own baseline.
@@ -125,15 +95,27 @@ pub struct MemoryStatus {
     pub budget_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CloudStatus {
     pub model: String,
     pub link: LinkStatus,
     pub circuit_open: bool,
     pub cached_answers: usize,
     /// Cloud failures by cause.
-    pub errors: BTreeMap<&'static str, u64>,
+    pub errors: BTreeMap<String, u64>,
     /// Deferred tasks waiting, and results kept.
     pub deferred_pending: usize,
     pub deferred_results: usize,
+}
+
+/// What `status` shows about the link to the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// `online` or `offline`.
+    pub state: String,
+    pub reason: String,
+    /// Seconds since the last change.
+    pub since_s: f64,
+    /// Whether `GET /models` listed the configured model (absent before a successful probe).
+    pub model_listed: Option<bool>,
 }

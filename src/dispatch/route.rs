@@ -1,0 +1,72 @@
+//! The routing facts of one request, gathered for [`router::decide`]: the cloud's state, the complexity
+//! score, whether the prompt fits the board, the measured local speed, the deadline.
+
+use std::time::Instant;
+
+use super::Dispatcher;
+use crate::engine::ValidatedRequest;
+use crate::protocol::{Request, Route};
+use crate::router::{self, complexity, CloudState, Decision, LocalFit, RouteRequest, Situation};
+
+impl Dispatcher {
+    /// Asks the router where `req` runs; `local` is its validation for the board, or the prompt and context
+    /// lengths when it does not fit.
+    pub(super) fn route(
+        &self,
+        req: &Request,
+        local: &Result<ValidatedRequest, (usize, usize)>,
+        max_tokens: usize,
+        deadline: Option<Instant>,
+    ) -> Decision {
+        let cloud = self.opts.cloud.as_ref();
+        let cloud_state = cloud.map_or(CloudState::Disabled, |c| c.link.state());
+        let (threshold, fallback) = cloud.map_or((f32::INFINITY, false), |c| {
+            (c.router.complexity_threshold, c.router.fallback_to_local)
+        });
+        let score = match cloud {
+            Some(c) if req.route == Route::Auto && !req.private => {
+                let text = match (&req.prompt, &req.messages) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(m)) => m
+                        .iter()
+                        .map(|m| m.content.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    _ => String::new(),
+                };
+                let c2 = complexity::score(&text, &c.router.keywords, c.router.long_prompt_chars);
+                log::debug!(id:% = req.id, score = c2.score, signals:? = c2.signals; "complexity");
+                c2.score
+            }
+            _ => 0.0,
+        };
+        let fit = match local {
+            Ok(v) => LocalFit::Fits {
+                prompt_tokens: v.prompt_ids().len(),
+            },
+            Err((prompt_tokens, context)) => LocalFit::TooLong {
+                prompt_tokens: *prompt_tokens,
+                context: *context,
+            },
+        };
+        let now = Instant::now();
+        router::decide(
+            &RouteRequest {
+                route: req.route,
+                private: req.private,
+                defer: req.defer,
+                fit,
+                max_tokens,
+                deadline: deadline.map(|d| d.saturating_duration_since(now)),
+                complexity: score,
+            },
+            &Situation {
+                cloud: cloud_state,
+                local_admits: self.local.board().is_none_or(|b| b.admit_local),
+                local_speed: self.ledger.local_speed(),
+                complexity_threshold: threshold,
+                fallback_to_local: fallback,
+            },
+        )
+    }
+}
