@@ -369,6 +369,9 @@ fn a_deferred_mqtt_request_gets_its_answer_published_when_the_cloud_is_back() {
     wait_link(&mut c, "offline");
     let dev = V5::connect(broker.port, "dev-defer");
     dev.subscribe("dev/defer/answers");
+    // The daemon says `online` after its subscription: from then on the broker routes requests to it.
+    dev.subscribe("bitnetd/defer/status");
+    dev.wait_status("bitnetd/defer", "online", Duration::from_secs(30));
     let props = PublishProperties {
         response_topic: Some("dev/defer/answers".into()),
         correlation_data: Some(Bytes::from_static(b"\x01corr")),

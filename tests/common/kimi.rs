@@ -260,15 +260,23 @@ fn handle(
         } else {
             None
         };
-        let record = |answered| {
+        // Recorded on arrival, so that a client that has its answer always finds its request here; `answered`
+        // is moved to the end of the response once it is written.
+        let index = {
             let mut st = state.0.lock().unwrap();
             st.recorded.push(Recorded {
                 method: method.clone(),
                 path: path.clone(),
                 authorization: authorization.clone(),
                 body: body.clone(),
-                answered,
+                answered: Instant::now(),
             });
+            state.1.notify_all();
+            st.recorded.len() - 1
+        };
+        let record = |answered| {
+            let mut st = state.0.lock().unwrap();
+            st.recorded[index].answered = answered;
             state.1.notify_all();
         };
         if authorization.as_deref() != Some("Bearer sk-test") {
