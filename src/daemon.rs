@@ -15,7 +15,7 @@ use crate::dispatch::{CloudRoute, DispatchOptions, Dispatcher};
 use crate::engine::{Engine, EngineError, EngineOptions, Model};
 use crate::governor::{self, policy::Limits, telemetry::Telemetry};
 use crate::mqtt::{Mqtt, MqttError};
-use crate::server::{self, ConnectionLimits, Listener, ServerError};
+use crate::server::{self, ConnectionLimits, Listener, ServerError, SlotLimits};
 use crate::systemd::{self, Notifier, START_EXTENSION};
 
 mod status;
@@ -124,12 +124,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         let limits = ConnectionLimits {
             max_line_bytes: config.socket.max_line_bytes,
             max_requests: config.socket.max_requests_per_connection,
+            idle_timeout: config.socket.idle_timeout,
+        };
+        let slots = SlotLimits {
+            connections: config.socket.max_connections,
+            status_connections: config.socket.status_connections,
+            per_process: config.socket.max_connections_per_process,
         };
         tracker.spawn(server::serve(
             listener,
             dispatcher.clone(),
             limits,
-            config.socket.max_connections,
+            slots,
             stop_accepting.clone(),
             tracker.clone(),
         ));

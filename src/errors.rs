@@ -53,6 +53,14 @@ pub enum Refusal {
     Unanswered,
     /// A deferred task waited longer than `[defer] max_age_secs`.
     DeferredExpired,
+    /// A socket connection with nothing in flight sent nothing for `[socket] idle_timeout_secs`.
+    IdleTimeout {
+        secs: u64,
+    },
+    /// The client process already holds `[socket] max_connections_per_process` connections.
+    ProcessLimit {
+        limit: usize,
+    },
 }
 
 /// Whose share of the work a [`Refusal::ClientLimit`] is.
@@ -62,6 +70,8 @@ pub enum Scope {
     Connection,
     /// All MQTT clients together (`[mqtt] max_in_flight`).
     Mqtt,
+    /// A socket connection opened while every full one was taken: control messages only.
+    StatusOnly,
 }
 
 fn wire(code: ErrorCode, message: impl Into<String>) -> WireError {
@@ -96,6 +106,9 @@ impl From<&Refusal> for WireError {
                         format!("at most {limit} requests in flight per connection")
                     }
                     Scope::Mqtt => format!("at most {limit} MQTT requests in flight"),
+                    Scope::StatusOnly => "every socket connection is taken ([socket] max_connections): this one \
+                                          answers only status and result; retry on a new connection later"
+                        .to_string(),
                 },
             )
             .retry_after(ms(BUSY_RETRY)),
@@ -112,6 +125,18 @@ impl From<&Refusal> for WireError {
                 C::Internal,
                 "the request ended without an answer (a fault of bitnetd; the journal says more)",
             ),
+            Refusal::IdleTimeout { secs } => wire(
+                C::IdleTimeout,
+                format!("nothing sent and nothing in flight for {secs} s: the connection is closed"),
+            ),
+            Refusal::ProcessLimit { limit } => wire(
+                C::Busy,
+                format!(
+                    "this process already has {limit} connections open, the most one process may have \
+                     ([socket] max_connections_per_process)"
+                ),
+            )
+            .retry_after(ms(BUSY_RETRY)),
             Refusal::DeferredExpired => wire(
                 C::Expired,
                 "the cloud stayed unreachable for longer than [defer] max_age_secs",

@@ -741,3 +741,71 @@ fn a_deadline_the_local_model_cannot_meet_is_shortened_or_refused_as_asked() {
     );
     assert!(done["usage"]["completion_tokens"].as_u64().unwrap() < big as u64);
 }
+
+#[test]
+fn idle_clients_cannot_starve_the_operator_and_are_closed_when_idle() {
+    let d = Daemon::start(
+        "[socket]\nmax_connections = 2\nstatus_connections = 1\nmax_connections_per_process = 8\nidle_timeout_secs = 3\n",
+    );
+    // The start-up probe's connection is gone before the test's own connections count.
+    d.wait_for_log("socket connection closed", 1);
+    // Two clients that send nothing take every full connection.
+    let mut idle = [d.connect(), d.connect()];
+    // A third still gets `status`, and `busy` for a request.
+    let mut operator = d.connect();
+    assert_eq!(operator.status()["state"], "ready");
+    operator.send(&json!({"id": "x", "prompt": "A dog is", "max_tokens": 2}));
+    let r = operator.recv();
+    assert_eq!(
+        (r["id"].clone(), r["code"].clone()),
+        (json!("x"), json!("busy")),
+        "{r}"
+    );
+    assert!(r["retry_after_ms"].as_u64().is_some(), "{r}");
+    d.wait_for_log("every socket connection is taken", 1);
+    // The silent ones are told why, then closed, which frees their slots for a full connection.
+    for c in &mut idle {
+        let r = c.recv();
+        assert_eq!(
+            (r["type"].clone(), r["code"].clone()),
+            (json!("error"), json!("idle_timeout")),
+            "{r}"
+        );
+        assert!(c.try_recv().is_none(), "closed after the error line");
+    }
+    let mut c = d.connect();
+    c.send(&json!({"id": "y", "prompt": "A dog is", "max_tokens": 2, "stream": false}));
+    assert_eq!(c.finish(&json!("y")).1["type"], "done");
+}
+
+#[test]
+fn one_process_cannot_take_every_connection() {
+    let d = Daemon::start("[socket]\nmax_connections_per_process = 2\n");
+    d.wait_for_log("socket connection closed", 1);
+    let (mut a, _b) = (d.connect(), d.connect());
+    let mut third = d.connect();
+    let r = third.recv();
+    assert_eq!(
+        (r["code"].clone(), r["id"].clone()),
+        (json!("busy"), Value::Null),
+        "{r}"
+    );
+    assert!(r["retry_after_ms"].as_u64().is_some(), "{r}");
+    assert!(third.try_recv().is_none(), "closed after the error line");
+    d.wait_for_log("holds its share of connections", 1);
+    let logged = d.log();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("holds its share"))
+        .unwrap();
+    assert!(
+        line.contains(&std::process::id().to_string()),
+        "the log names the peer: {line}"
+    );
+    assert_eq!(
+        a.status()["state"],
+        "ready",
+        "the process's other connections still work"
+    );
+    assert_eq!(a.status()["requests"]["rejected"], 1);
+}

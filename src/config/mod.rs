@@ -89,6 +89,12 @@ pub struct SocketConfig {
     pub max_line_bytes: usize,
     pub max_connections: usize,
     pub max_requests_per_connection: usize,
+    /// Status-only connections accepted beyond `max_connections`.
+    pub status_connections: usize,
+    /// At least 1.
+    pub max_connections_per_process: usize,
+    /// `None`: idle connections stay open.
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -293,6 +299,13 @@ fn validate(
             s.max_requests_per_connection,
             1,
         )?,
+        status_connections: s.status_connections,
+        max_connections_per_process: at_least(
+            "socket.max_connections_per_process",
+            s.max_connections_per_process,
+            1,
+        )?,
+        idle_timeout: (s.idle_timeout_secs > 0).then(|| Duration::from_secs(s.idle_timeout_secs)),
     };
     let memory_bytes = raw
         .budget

@@ -77,6 +77,11 @@ pub struct RawSocket {
     pub max_line_bytes: usize,
     pub max_connections: usize,
     pub max_requests_per_connection: usize,
+    /// Status-only connections beyond `max_connections`.
+    pub status_connections: usize,
+    pub max_connections_per_process: usize,
+    /// 0: never.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for RawSocket {
@@ -89,6 +94,9 @@ impl Default for RawSocket {
             max_line_bytes: 1 << 20,
             max_connections: 64,
             max_requests_per_connection: 16,
+            status_connections: 2,
+            max_connections_per_process: 16,
+            idle_timeout_secs: 300,
         }
     }
 }

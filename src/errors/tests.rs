@@ -283,6 +283,24 @@ fn table() -> Vec<Row> {
         ),
         row("unanswered", r(Refusal::Unanswered), C::Internal, None),
         row(
+            "idle connection",
+            r(Refusal::IdleTimeout { secs: 300 }),
+            C::IdleTimeout,
+            None,
+        ),
+        row(
+            "process over its connections",
+            r(Refusal::ProcessLimit { limit: 16 }),
+            C::Busy,
+            Some(1000),
+        ),
+        row(
+            "status-only connection",
+            r(limit(Scope::StatusOnly)),
+            C::Busy,
+            Some(1000),
+        ),
+        row(
             "inference failed",
             e(EngineError::Inference("x".into())),
             C::Internal,
@@ -355,7 +373,7 @@ fn documented_codes() -> BTreeSet<String> {
 #[test]
 fn the_documented_codes_are_exactly_the_codes() {
     let documented = documented_codes();
-    assert_eq!(documented.len(), 12, "{documented:?}");
+    assert_eq!(documented.len(), ErrorCode::ALL.len(), "{documented:?}");
     let all: BTreeSet<String> = ErrorCode::ALL
         .iter()
         .map(|c| c.as_str().to_string())

@@ -34,11 +34,14 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A fault of the daemon; the message says more.
     Internal,
+    /// A socket connection stayed silent with nothing in flight for `[socket] idle_timeout_secs`; it is closed
+    /// after this reply.
+    IdleTimeout,
 }
 
 impl ErrorCode {
     /// Every code, in the order of `docs/protocol.md`'s table.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::TooLong,
@@ -51,6 +54,7 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
+        ErrorCode::IdleTimeout,
     ];
 
     /// The wire name (`bad_request`, ...).
@@ -68,6 +72,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -338,8 +343,9 @@ mod tests {
             C::NotFound => 9,
             C::ShuttingDown => 10,
             C::Internal => 11,
+            C::IdleTimeout => 12,
         };
-        let places = 12;
+        let places = 13;
         assert_eq!(ErrorCode::ALL.len(), places);
         for (i, c) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(place(*c), i, "{c:?}");

@@ -1,10 +1,12 @@
 //! One client connection: reads request lines, hands them to the dispatcher, and writes every reply as one
 //! line. Several requests may be in flight, told apart by `id`. Bad input gets an `error` line and the
 //! connection stays usable. After the client's end of stream the connection answers what is in flight and then
-//! closes; when the client is gone entirely (hang-up, failed write) its requests are cancelled.
+//! closes; when the client is gone entirely (hang-up, failed write) its requests are cancelled. A connection
+//! with nothing in flight that stays silent for `[socket] idle_timeout_secs` gets an `idle_timeout` error line
+//! and is closed; a status-only one ([`Slot::StatusOnly`]) answers control messages and refuses requests.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::unix::OwnedReadHalf;
@@ -18,6 +20,7 @@ use crate::handler::{Handler, Replies};
 use crate::protocol::{self, Id, Reply, WireError};
 
 use super::lines::{Line, LineReader};
+use super::slots::Slot;
 
 /// Replies buffered per connection before request pumps wait for the writer.
 const WRITE_QUEUE: usize = 256;
@@ -27,6 +30,8 @@ const WRITE_QUEUE: usize = 256;
 pub struct ConnectionLimits {
     pub max_line_bytes: usize,
     pub max_requests: usize,
+    /// A connection with nothing in flight that sends nothing for this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The connection's writer queue, as the handler's [`Replies`]: a request's key is its id as JSON text (so
@@ -58,6 +63,7 @@ pub async fn serve(
     stream: UnixStream,
     dispatcher: Arc<Dispatcher>,
     limits: ConnectionLimits,
+    slot: Slot,
     shutdown: CancellationToken,
 ) {
     let (rd, mut wr) = stream.into_split();
@@ -75,7 +81,11 @@ pub async fn serve(
             let _ = wr.shutdown().await;
         })
     };
-    let handler = Handler::<String>::new(dispatcher, limits.max_requests, Scope::Connection);
+    let handler = match slot {
+        Slot::Full => Handler::<String>::new(dispatcher, limits.max_requests, Scope::Connection),
+        Slot::StatusOnly => Handler::new(dispatcher, 0, Scope::StatusOnly),
+    };
+    let mut idle_at = limits.idle_timeout.map(|d| Instant::now() + d);
     let mut reader = LineReader::new(rd, limits.max_line_bytes);
     // Reading: until end of stream, the client going away, or shutdown with nothing left in flight.
     let mut reading = true;
@@ -83,6 +93,7 @@ pub async fn serve(
         tokio::select! {
             line = reader.next() => match line {
                 Ok(Some(line)) => {
+                    idle_at = limits.idle_timeout.map(|d| Instant::now() + d);
                     if let Some(message) = read(line, limits) {
                         let origin = Origin::now("socket");
                         handler.handle(message, origin, Writer(out.clone())).await;
@@ -91,6 +102,17 @@ pub async fn serve(
                 Ok(None) | Err(_) => reading = false,
             },
             _ = gone.cancelled() => break,
+            _ = sleep_until(idle_at) => {
+                let idle = limits.idle_timeout.unwrap_or_default();
+                if handler.in_flight() > 0 {
+                    idle_at = Some(Instant::now() + idle);
+                } else {
+                    log::info!(idle_s = idle.as_secs(); "socket connection idle: closed");
+                    let e = WireError::from(Refusal::IdleTimeout { secs: idle.as_secs() });
+                    Writer(out.clone()).answer(e.into()).await;
+                    break;
+                }
+            }
             _ = handler.idle(), if shutdown.is_cancelled() => break,
             _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
         }
@@ -131,5 +153,13 @@ fn read(line: Line, limits: ConnectionLimits) -> Option<Result<protocol::Incomin
         }
         .into())),
         Line::NotUtf8 => Some(Err(Refusal::NotUtf8.into())),
+    }
+}
+
+/// Resolves at `at`; never when `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
