@@ -301,43 +301,50 @@ fn a_clean_shutdown_answers_in_flight_work_and_leaves_offline_retained() {
 }
 
 #[test]
-fn two_daemons_share_one_request_topic() {
+fn two_daemons_in_one_pool_share_the_requests_and_keep_their_own_status() {
     for broker in brokers() {
         let shared = "topic_prefix = \"fleet/ai\"\nshared_group = \"pool\"\n";
         let dev = V5::connect(broker.port, "dev-share");
-        dev.subscribe("fleet/ai/status");
+        dev.subscribe("fleet/ai/status/+");
         dev.subscribe("dev/share/#");
-        let a = Daemon::start(&broker.daemon_config("share-a", shared));
+        let mut a = Daemon::start(&broker.daemon_config("share-a", shared));
         let b = Daemon::start(&broker.daemon_config("share-b", shared));
         // A daemon publishes `online` after its subscription, on the same connection: once both said it, the
-        // broker shares the request topic between them.
+        // broker shares the request topic between them. Each board has its own status topic.
         let mut online = HashSet::new();
         while online.len() < 2 {
-            let v = dev.expect_on("fleet/ai/status", WAIT).json();
+            let m = dev.next(WAIT).expect("a status");
+            let v = m.json();
             if v["state"] == "online" {
+                assert_eq!(
+                    m.topic,
+                    format!("fleet/ai/status/{}", v["node"].as_str().unwrap())
+                );
                 online.insert(v["node"].to_string());
             }
         }
+        let ask_all = |from: usize, n: usize| {
+            for i in from..from + n {
+                let q = json!({"id": i, "prompt": "A dog is", "max_tokens": 30, "stream": false});
+                dev.publish(
+                    "fleet/ai/request",
+                    q.to_string().as_bytes(),
+                    v5_reply("dev/share/answers"),
+                );
+            }
+            let mut ids = HashSet::new();
+            while ids.len() < n {
+                let v = dev.expect_on("dev/share/answers", WAIT).json();
+                assert_eq!(v["type"], "done", "{v}");
+                assert!(
+                    ids.insert(v["id"].to_string()),
+                    "{}: answered twice: {v}",
+                    broker.kind
+                );
+            }
+        };
         let n = 12;
-        for i in 0..n {
-            let q = json!({"id": i, "prompt": "A dog is", "max_tokens": 30, "stream": false});
-            dev.publish(
-                "fleet/ai/request",
-                q.to_string().as_bytes(),
-                v5_reply("dev/share/answers"),
-            );
-        }
-        let mut ids = HashSet::new();
-        while ids.len() < n {
-            let m = dev.expect_on("dev/share/answers", WAIT);
-            let v = m.json();
-            assert_eq!(v["type"], "done", "{v}");
-            assert!(
-                ids.insert(v["id"].to_string()),
-                "{}: answered twice: {v}",
-                broker.kind
-            );
-        }
+        ask_all(0, n);
         let served = |d: &Daemon| d.connect().status()["requests"]["served"].as_u64().unwrap();
         let (sa, sb) = (served(&a), served(&b));
         assert_eq!(sa + sb, n as u64, "{}", broker.kind);
@@ -346,6 +353,22 @@ fn two_daemons_share_one_request_topic() {
             "{}: both boards serve ({sa} + {sb})",
             broker.kind
         );
+        // One board dies: its Will marks it offline, and only it.
+        let _ = a.child.kill();
+        let _ = a.child.wait();
+        let v = dev.expect_on("fleet/ai/status/share-a", WAIT).json();
+        assert_eq!(v["state"], "offline", "{}: {v}", broker.kind);
+        let late = V5::connect(broker.port, "late-share");
+        late.subscribe("fleet/ai/status/share-b");
+        let v = late.expect_on("fleet/ai/status/share-b", WAIT).json();
+        assert_eq!(
+            v["state"], "online",
+            "{}: the other board stays online: {v}",
+            broker.kind
+        );
+        // The pool keeps answering every request exactly once.
+        ask_all(n, 4);
+        assert_eq!(served(&b), sb + 4, "{}", broker.kind);
     }
 }
 

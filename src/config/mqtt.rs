@@ -53,9 +53,14 @@ impl MqttConfig {
         }
     }
 
-    /// The retained status topic.
+    /// The retained status topic (and the Last Will's): `<prefix>/status`, or `<prefix>/status/<node>` in a
+    /// shared pool, so that each board of the pool has its own status and one board's Will marks only it
+    /// offline.
     pub fn status_topic(&self) -> String {
-        format!("{}/status", self.topic_prefix)
+        match &self.shared_group {
+            Some(_) => format!("{}/status/{}", self.topic_prefix, self.node),
+            None => format!("{}/status", self.topic_prefix),
+        }
     }
 
     /// Where a request without a reply address is answered.
