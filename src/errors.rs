@@ -61,6 +61,11 @@ pub enum Refusal {
     ProcessLimit {
         limit: usize,
     },
+    /// An MQTT client sent more than `[mqtt] client_requests_per_minute`; the next token comes in `wait`.
+    ClientRate {
+        per_minute: u32,
+        wait: Duration,
+    },
 }
 
 /// Whose share of the work a [`Refusal::ClientLimit`] is.
@@ -137,6 +142,11 @@ impl From<&Refusal> for WireError {
                 ),
             )
             .retry_after(ms(BUSY_RETRY)),
+            Refusal::ClientRate { per_minute, wait } => wire(
+                C::Busy,
+                format!("at most {per_minute} requests per minute from one client ([mqtt] client_requests_per_minute)"),
+            )
+            .retry_after(ms(*wait).max(1)),
             Refusal::DeferredExpired => wire(
                 C::Expired,
                 "the cloud stayed unreachable for longer than [defer] max_age_secs",

@@ -609,3 +609,44 @@ fn home_assistant_discovery_announces_the_board() {
         }
     }
 }
+
+#[test]
+fn a_device_over_its_request_rate_gets_busy_and_the_others_are_served() {
+    let broker = Broker::rumqttd();
+    let (_d, _w) = daemon(&broker, "rate", "client_requests_per_minute = 2\n");
+    let dev = V5::connect(broker.port, "dev-rate");
+    dev.subscribe("dev/rate/#");
+    let ask = |id: u64, reply: &str| {
+        let q = json!({"id": id, "prompt": "A dog is", "max_tokens": 2, "stream": false});
+        dev.publish(
+            "bitnetd/rate/request",
+            q.to_string().as_bytes(),
+            v5_reply(reply),
+        );
+    };
+    for id in 0..3 {
+        ask(id, "dev/rate/a");
+    }
+    let (mut done, mut busy) = (0, 0);
+    while done + busy < 3 {
+        let v = dev.expect_on("dev/rate/a", WAIT).json();
+        match v["type"].as_str() {
+            Some("done") => done += 1,
+            Some("error") => {
+                assert_eq!(v["code"], "busy", "{v}");
+                assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{v}");
+                busy += 1;
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    assert_eq!((done, busy), (2, 1), "a burst of two, then busy");
+    // Another device has its own share.
+    ask(9, "dev/rate/b");
+    let v = dev.expect_on("dev/rate/b", WAIT).json();
+    assert_eq!(
+        (v["type"].clone(), v["id"].clone()),
+        (json!("done"), json!(9)),
+        "{v}"
+    );
+}

@@ -31,6 +31,12 @@ impl RateLimiter {
         self.at = now;
     }
 
+    /// True when the bucket is full again at `now`: the limiter remembers nothing a fresh one would not.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens + dt * self.per_sec >= self.capacity
+    }
+
     /// Takes a token if one is there; else `Err(wait)` until the next one (nothing is taken).
     pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
         self.refill(now);

@@ -24,6 +24,8 @@ pub struct MqttConfig {
     /// At least `max_payload_bytes` plus room for the topic and properties.
     pub max_packet_bytes: usize,
     pub max_in_flight: usize,
+    /// Requests one client may send per minute; `None`: no limit.
+    pub client_requests_per_minute: Option<u32>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// Publish Home Assistant MQTT discovery configs.
@@ -173,6 +175,8 @@ pub(super) fn validate_mqtt(
         max_payload_bytes: m.max_payload_bytes,
         max_packet_bytes: m.max_packet_bytes,
         max_in_flight: m.max_in_flight,
+        client_requests_per_minute: (m.client_requests_per_minute > 0)
+            .then_some(m.client_requests_per_minute),
         reconnect_min: Duration::from_millis(m.reconnect_min_ms),
         reconnect_max: Duration::from_millis(m.reconnect_max_ms),
         home_assistant: m.home_assistant,

@@ -188,6 +188,8 @@ pub struct RawMqtt {
     pub max_payload_bytes: usize,
     pub max_packet_bytes: usize,
     pub max_in_flight: usize,
+    /// Requests one client may send per minute (burst included); 0: no limit.
+    pub client_requests_per_minute: u32,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     /// Publish Home Assistant MQTT discovery configs.
@@ -213,6 +215,7 @@ impl Default for RawMqtt {
             max_payload_bytes: 256 << 10,
             max_packet_bytes: 1 << 20,
             max_in_flight: 32,
+            client_requests_per_minute: 120,
             reconnect_min_ms: 250,
             reconnect_max_ms: 30_000,
             home_assistant: false,

@@ -162,6 +162,15 @@ fn table() -> Vec<Row> {
             Some(1000),
         ),
         row(
+            "mqtt client over its rate",
+            r(Refusal::ClientRate {
+                per_minute: 60,
+                wait: Duration::from_millis(700),
+            }),
+            C::Busy,
+            Some(700),
+        ),
+        row(
             "deferred queue full",
             WireError::from(&full),
             C::Busy,

@@ -4,6 +4,7 @@
 //! ([`addressing`]); the loop never waits on inference.
 
 pub mod addressing;
+pub mod clients;
 mod options;
 mod service;
 mod status;

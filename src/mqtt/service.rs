@@ -25,6 +25,7 @@ use crate::protocol::{self, id_text, Command, Id, Incoming, ParseError, Reply, W
 use super::addressing::{
     backoff, from_hex, hex, reply_address, request_key, Dedup, ReplyAddress, ReplyHints,
 };
+use super::clients::{client_of, ClientRates};
 use super::options::mqtt_options;
 use super::status::{discovery_configs, status_payload};
 use super::{MqttError, CONTENT_TYPE};
@@ -92,6 +93,7 @@ impl Mqtt {
         let cfg = &shared.cfg;
         let broker = format!("{}:{}", cfg.host, cfg.port);
         let mut dedup = Dedup::new(DEDUP_CAPACITY, DEDUP_TTL);
+        let mut rates = cfg.client_requests_per_minute.map(ClientRates::new);
         let mut rng = SmallRng::seed_from_u64(seed());
         let (mut attempt, mut connected, mut stopping) = (0u32, false, false);
         let mut published_status: Option<Vec<u8>> = None;
@@ -116,7 +118,7 @@ impl Mqtt {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if !stopping {
-                            shared.handle(p, &mut dedup).await;
+                            shared.handle(p, &mut dedup, rates.as_mut()).await;
                         }
                     }
                     Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -218,9 +220,10 @@ impl Shared {
 
     /// Handles one incoming message. Never waits for inference: replies to control messages and refusals are
     /// queued with `try_publish`.
-    async fn handle(&self, p: Publish, dedup: &mut Dedup) {
+    async fn handle(&self, p: Publish, dedup: &mut Dedup, rates: Option<&mut ClientRates>) {
         let received = Instant::now();
         let props = p.properties.unwrap_or_default();
+        let user_properties = props.user_properties;
         let mut hints = ReplyHints {
             response_topic: props.response_topic,
             correlation: props.correlation_data,
@@ -251,6 +254,16 @@ impl Shared {
                 if self.handler.is_in_flight(&key) || !dedup.first_time(&key, received) {
                     log::info!(id:% = req.id; "MQTT redelivery of a request already taken: ignored");
                     return;
+                }
+                let client = client_of(&user_properties, &to.addr.topic);
+                if let Some(Err(wait)) = rates.map(|r| r.check(&client, received)) {
+                    dedup.forget(&key);
+                    log::warn!(client = client.as_str(), wait_ms = wait.as_millis() as u64;
+                        "MQTT client over its request rate: busy");
+                    let per_minute = self.cfg.client_requests_per_minute.unwrap_or_default();
+                    let e = WireError::from(Refusal::ClientRate { per_minute, wait });
+                    self.dispatcher.record_rejected();
+                    return to.answer(e.with_id(&req.id).into()).await;
                 }
                 Some(key)
             }
