@@ -39,6 +39,9 @@ const INT8_HEAD_TOLERANCE: f32 = 2.5e-2;
 /// The f16 KV cache, see `f16_kv_cache_stays_close_to_transformers`.
 const F16_KV_TOLERANCE: f32 = 5e-2;
 
+/// Max |logit - transformers| relative to the range with the int4 output layer: measured 8-15%.
+const INT4_HEAD_TOLERANCE: f32 = 0.2;
+
 /// The same with `--embedding int8` too: measured up to 8.5%.
 const INT8_EMBEDDING_TOLERANCE: f32 = 0.15;
 
@@ -213,6 +216,33 @@ fn int8_head_stays_close_to_transformers() {
     }
 }
 
+/// The int4 output layer (library only, not an export option): 4-bit weights in groups of 128 columns, each
+/// with its scale, and int8 activations. Its rounding is ~10% of a weight's spread, which moves these random
+/// fixtures' logits by 8-15% of their range (measured) and changes 9 of the 15 greedy continuations (after 1-10
+/// tokens; their top logits are close by construction). That is why it is not offered: it needs its best
+/// candidates rescored exactly first. Checked: the deviation stays bounded (a broken layout, scale or
+/// padding moves logits by the whole range) and the first greedy token of most prompts holds.
+#[test]
+fn int4_head_effect_is_bounded() {
+    let tables = TableFormats {
+        head: HeadFormat::Int4,
+        embedding: EmbeddingFormat::Float,
+    };
+    let results = effect(tables, KvFormat::F32);
+    for (case, prompt, d, _, _) in &results {
+        assert!(
+            *d <= INT4_HEAD_TOLERANCE,
+            "{case} {prompt:?}: logits off by {d} of their range"
+        );
+    }
+    let first = results.iter().filter(|r| r.3 >= 1).count();
+    assert!(
+        first * 4 >= results.len() * 3,
+        "{first} of {} first tokens held",
+        results.len()
+    );
+}
+
 /// `--head int8 --embedding int8`: one shared int8 table. The embedding's rounding perturbs the input of every
 /// layer, which crosses many activation-quantization boundaries: logits move by 3-9% of their range here and
 /// greedy continuations of these random models diverge after a few tokens. Reported, and bounded so that a
@@ -269,10 +299,10 @@ fn effect(tables: TableFormats, kv: KvFormat) -> Vec<(&'static str, String, f32,
     let mut out = vec![];
     for case in CASES {
         let (_dir, model, exp) = export_with(case, 2, &opts, kv);
-        let int8_head = usize::from(tables.head == HeadFormat::Int8);
+        let quantized_head = usize::from(tables.head != HeadFormat::F32);
         assert_eq!(
             model.summary().packed_linears,
-            4 * model.meta.architecture.layers + int8_head,
+            4 * model.meta.architecture.layers + quantized_head,
             "{case}: packed products ({tables:?})"
         );
         for c in &exp.cases {

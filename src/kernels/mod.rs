@@ -1,5 +1,5 @@
 //! Integer matrix products for BitNet: int8 activations against 2-bit packed ternary weights, and against int8
-//! weights (the quantized output layer).
+//! or 4-bit grouped weights ([`int4`]) for the quantized output layer.
 //!
 //! Decoding is bound by memory bandwidth, so weights stay packed in memory and are unpacked in registers. One
 //! packed layout ([`pack`]) serves every target; each target has its own inner loops:
@@ -22,6 +22,7 @@
 pub mod act;
 pub mod attention;
 pub mod f16;
+pub mod int4;
 mod matmul;
 pub mod pack;
 mod scalar;
@@ -34,6 +35,7 @@ mod x86;
 #[cfg(test)]
 mod tests;
 
+pub use int4::int4_rows;
 pub use matmul::{f32_rows, int8_matmul, int8_rows, ternary_matmul, ternary_rows, MatmulError};
 pub use pack::{PackError, TernaryWeights, BLOCK, BLOCK_BYTES};
 

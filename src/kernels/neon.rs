@@ -8,10 +8,13 @@
 //!   (`smull`, `smull2`, `sadalp`) since two -128·-128 products already overflow i16.
 //! - With `dotprod` (Cortex-A76, Pi 5): `sdot`, through `asm!` because `vdotq_s32` is not stable Rust. Only the
 //!   `*_sdot` functions contain it, and they are only called when `dotprod` was detected at run time.
+//! - Int4 (`super::int4`): nibbles minus 8 are signed bytes in -8..=7; without `dotprod` each i16 lane sums the
+//!   eight products of a group it takes (at most 8·8·128 = 8192), widened once per group.
 
 use std::arch::aarch64::*;
 use std::arch::asm;
 
+use super::int4::{GROUP, GROUP_BYTES};
 use super::pack::{BLOCK, BLOCK_BYTES};
 
 /// The eight code vectors of the block at `p`, in activation order (16 columns each).
@@ -281,4 +284,68 @@ pub(super) unsafe fn int8_dot_sdot<const M: usize>(w: &[i8], xs: [&[i8]; M]) -> 
     let mut out = acc.map(|a| vaddvq_s32(a));
     tail(w, xs, full, &mut out);
     out
+}
+
+/// One int4 group at `g`: four 16-byte loads of weights as eight signed weight vectors, each with the 16
+/// activations it multiplies (low nibbles with `x[16c..]`, high nibbles with `x[64 + 16c..]`).
+///
+/// # Safety
+/// Group `g` must be in bounds of `w` and `x`.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn int4_group(w: &[u8], x: &[i8], g: usize) -> [(int8x16_t, int8x16_t); 8] {
+    let (mask, eight) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
+    let signed = |v: uint8x16_t| vsubq_s8(vreinterpretq_s8_u8(v), eight);
+    // SAFETY: in bounds by the caller's contract.
+    unsafe {
+        let (wp, xp) = (w.as_ptr().add(g * GROUP_BYTES), x.as_ptr().add(g * GROUP));
+        let mut out = [(vdupq_n_s8(0), vdupq_n_s8(0)); 8];
+        for c in 0..4 {
+            let b = vld1q_u8(wp.add(16 * c));
+            out[2 * c] = (signed(vandq_u8(b, mask)), vld1q_s8(xp.add(16 * c)));
+            out[2 * c + 1] = (signed(vshrq_n_u8::<4>(b)), vld1q_s8(xp.add(64 + 16 * c)));
+        }
+        out
+    }
+}
+
+/// Int4 with `smull`/`smlal`, see the module docs and `super::Kernel::int4_dot`.
+///
+/// # Safety
+/// The slices as `super::Kernel::int4_dot` checks them.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn int4_dot(w: &[u8], scales: &[f32], x: &[i8]) -> f32 {
+    let mut acc = [vdupq_n_f32(0.0); 2];
+    for (g, &scale) in scales.iter().enumerate() {
+        // SAFETY: group g is in bounds.
+        let v = unsafe { int4_group(w, x, g) };
+        let (mut lo, mut hi) = (vdupq_n_s16(0), vdupq_n_s16(0));
+        for (wv, xv) in v {
+            lo = vmlal_s8(lo, vget_low_s8(wv), vget_low_s8(xv));
+            hi = vmlal_high_s8(hi, wv, xv);
+        }
+        let s = vpadalq_s16(vpaddlq_s16(lo), hi);
+        acc[g & 1] = vfmaq_n_f32(acc[g & 1], vcvtq_f32_s32(s), scale);
+    }
+    vaddvq_f32(vaddq_f32(acc[0], acc[1]))
+}
+
+/// Int4 with `sdot`, see the module docs and `super::Kernel::int4_dot`.
+///
+/// # Safety
+/// `dotprod` must be available; the slices as for [`int4_dot`].
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn int4_dot_sdot(w: &[u8], scales: &[f32], x: &[i8]) -> f32 {
+    let mut acc = [vdupq_n_f32(0.0); 2];
+    for (g, &scale) in scales.iter().enumerate() {
+        // SAFETY: group g is in bounds; `dotprod` is enabled.
+        let v = unsafe { int4_group(w, x, g) };
+        let (mut a, mut b) = (vdupq_n_s32(0), vdupq_n_s32(0));
+        for pair in v.chunks_exact(2) {
+            a = unsafe { sdot(a, pair[0].0, pair[0].1) };
+            b = unsafe { sdot(b, pair[1].0, pair[1].1) };
+        }
+        acc[g & 1] = vfmaq_n_f32(acc[g & 1], vcvtq_f32_s32(vaddq_s32(a, b)), scale);
+    }
+    vaddvq_f32(vaddq_f32(acc[0], acc[1]))
 }

@@ -38,3 +38,25 @@ pub(super) fn int8_dot<const M: usize>(w: &[i8], xs: [&[i8]; M]) -> [i32; M] {
     }
     acc
 }
+
+/// `Σ_g scales[g] · Σ q · x` of one packed int4 row; see [`super::Kernel::int4_dot`].
+pub(super) fn int4_dot(w: &[u8], scales: &[f32], x: &[i8]) -> f32 {
+    use super::int4::{GROUP, GROUP_BYTES};
+    let mut y = 0f32;
+    for ((wg, xg), &s) in w
+        .chunks_exact(GROUP_BYTES)
+        .zip(x.chunks_exact(GROUP))
+        .zip(scales)
+    {
+        let (lo, hi) = xg.split_at(GROUP_BYTES);
+        let acc: i32 = wg
+            .iter()
+            .zip(lo.iter().zip(hi))
+            .map(|(&b, (&a, &c))| {
+                ((b & 15) as i32 - 8) * a as i32 + ((b >> 4) as i32 - 8) * c as i32
+            })
+            .sum();
+        y += s * acc as f32;
+    }
+    y
+}

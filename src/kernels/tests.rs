@@ -276,3 +276,118 @@ fn packing_round_trips_and_rejects_what_is_not_ternary() {
         }
     );
 }
+
+/// `Σ_g s_g · Σ q · x` for unpacked int4 levels, and the magnitude the kernels' f32 rounding is relative to:
+/// `Σ_g s_g · Σ (|q| + 8) · |x|` (see `int4`'s module docs).
+fn int4_reference(q: &[i8], scales: &[f32], x: &[i8]) -> (f64, f64) {
+    let (mut y, mut bound) = (0f64, 0f64);
+    for (g, &s) in scales.iter().enumerate() {
+        let r = g * int4::GROUP..(g + 1) * int4::GROUP;
+        let pairs = || q[r.clone()].iter().zip(&x[r.clone()]);
+        let dot: i64 = pairs().map(|(&a, &b)| a as i64 * b as i64).sum();
+        let mag: i64 = pairs()
+            .map(|(&a, &b)| ((a as i64).abs() + 8) * (b as i64).abs())
+            .sum();
+        y += s as f64 * dot as f64;
+        bound += s as f64 * mag as f64;
+    }
+    (y, bound)
+}
+
+fn check_int4(
+    kernel: Kernel,
+    rng: &mut SmallRng,
+    n: usize,
+    k: usize,
+    m: usize,
+    wf: Fill,
+    xf: Fill,
+) {
+    let (kp, ng) = (int4::padded(k), int4::groups(k));
+    let mut q = vec![0i8; n * kp];
+    let mut packed = vec![];
+    for r in 0..n {
+        let row = &mut q[r * kp..(r + 1) * kp];
+        row[..k].copy_from_slice(&values(rng, k, wf, -8, 7));
+        for g in row.chunks(int4::GROUP) {
+            int4::pack_group(g, &mut packed);
+        }
+    }
+    let scales: Vec<f32> = (0..n * ng).map(|_| rng.random_range(1e-4..2e-2)).collect();
+    let mut x = vec![0i8; m * kp];
+    for i in 0..m {
+        x[i * kp..i * kp + k].copy_from_slice(&values(rng, k, xf, i8::MIN, i8::MAX));
+    }
+    let xs: Vec<&[i8]> = x.chunks(kp).collect();
+    let mut out = vec![f32::NAN; m * n];
+    int4_rows(kernel, &packed, &scales, k, 0..n, &xs, |r, i, y| {
+        out[i * n + r] = y
+    });
+    for r in 0..n {
+        assert_eq!(
+            int4::weight(&packed[r * int4::row_bytes(k)..], k - 1),
+            q[r * kp + k - 1]
+        );
+        for i in 0..m {
+            let (want, bound) = int4_reference(
+                &q[r * kp..(r + 1) * kp],
+                &scales[r * ng..(r + 1) * ng],
+                xs[i],
+            );
+            let got = out[i * n + r] as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * bound,
+                "{kernel}: int4 n={n} k={k} m={m} weights {wf:?} activations {xf:?}: {got} for {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_matches_the_reference_on_int4_shapes_and_edge_values() {
+    let mut rng = SmallRng::seed_from_u64(6);
+    for kernel in Kernel::available() {
+        for &k in &KS {
+            check_int4(kernel, &mut rng, 3, k, 1, Fill::Random, Fill::Random);
+            check_int4(kernel, &mut rng, 2, k, 3, Fill::Random, Fill::Random);
+        }
+        for wf in FILLS {
+            for xf in FILLS {
+                check_int4(kernel, &mut rng, 3, 2563, 1, wf, xf);
+            }
+        }
+    }
+}
+
+#[test]
+fn int4_quantization_rounds_each_group_to_its_own_scale() {
+    let mut rng = SmallRng::seed_from_u64(7);
+    let k = 300;
+    // Groups of very different magnitudes, a zero group, and padding.
+    let row: Vec<f32> = (0..k)
+        .map(|c| match c / int4::GROUP {
+            0 => rng.random_range(-1.0..1.0),
+            1 => 0.0,
+            _ => rng.random_range(-1e-3..1e-3),
+        })
+        .collect();
+    let (mut packed, mut scales) = (vec![], vec![]);
+    int4::quantize_row(&row, &mut packed, &mut scales);
+    assert_eq!(
+        (packed.len(), scales.len()),
+        (int4::row_bytes(k), int4::groups(k))
+    );
+    assert_eq!(scales[1], 1.0);
+    for (c, &v) in row.iter().enumerate() {
+        let s = scales[c / int4::GROUP];
+        let back = s * int4::weight(&packed, c) as f32;
+        assert!(
+            (back - v).abs() <= s * 1.0001,
+            "column {c}: {v} became {back} (scale {s})"
+        );
+    }
+    for c in k..int4::padded(k) {
+        assert_eq!(int4::weight(&packed, c), 0, "padding column {c}");
+    }
+    assert!(scales[2] < 1e-3 / 6.0 && scales[0] > 1e-2, "{scales:?}");
+}

@@ -6,9 +6,14 @@
 //!
 //! Int8: both operands are signed, and `vpmaddubsw` would saturate (255·128·2 > 32767), so bytes are widened to
 //! i16 and multiplied with `vpmaddwd`, exact for every input including -128.
+//!
+//! Int4 (`super::int4`): the unsigned codes (0..=15) times the signed activations, by `vpmaddubsw` (at most
+//! 2·15·128 = 3840 per pair, and the four vectors of a group sum to at most 15360 in i16) or `vpdpbusd`; the
+//! code offset comes off lane 0 of each group's i32 lanes, and the lanes are scaled by the group's scale in f32.
 
 use std::arch::x86_64::*;
 
+use super::int4::{GROUP, GROUP_BYTES};
 use super::pack::{BLOCK, BLOCK_BYTES};
 
 #[inline]
@@ -206,4 +211,87 @@ pub(super) unsafe fn ternary_dot1_vnni(w: &[u8], x: &[i8], blocks: usize) -> i32
     let [s0, s1] =
         acc.map(|[a, b, c, d]| _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
     hsum(_mm256_add_epi32(s0, s1))
+}
+
+/// The sum of an f32 vector's lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01)))
+}
+
+/// One int4 group at `g`: its two 32-byte weight vectors as four code vectors, each with the 32 activations it
+/// multiplies: `(low nibbles of bytes 0..32, x[0..32])`, `(low of 32..64, x[32..64])`, `(high of 0..32,
+/// x[64..96])`, `(high of 32..64, x[96..128])`.
+///
+/// # Safety
+/// Group `g` must be in bounds of `w` and `x`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn int4_group(w: &[u8], x: &[i8], g: usize) -> [(__m256i, __m256i); 4] {
+    let mask = _mm256_set1_epi8(0x0F);
+    // SAFETY: in bounds by the caller's contract.
+    let (b0, b1, xv) = unsafe {
+        let wp = w.as_ptr().add(g * GROUP_BYTES) as *const __m256i;
+        let xp = x.as_ptr().add(g * GROUP) as *const __m256i;
+        (
+            _mm256_loadu_si256(wp),
+            _mm256_loadu_si256(wp.add(1)),
+            [0, 1, 2, 3].map(|i| _mm256_loadu_si256(xp.add(i))),
+        )
+    };
+    [
+        (_mm256_and_si256(b0, mask), xv[0]),
+        (_mm256_and_si256(b1, mask), xv[1]),
+        (_mm256_and_si256(_mm256_srli_epi16(b0, 4), mask), xv[2]),
+        (_mm256_and_si256(_mm256_srli_epi16(b1, 4), mask), xv[3]),
+    ]
+}
+
+/// Int4 with `vpmaddubsw`, see the module docs and `super::Kernel::int4_dot`.
+///
+/// # Safety
+/// `avx2` must be available; the slices as `super::Kernel::int4_dot` checks them.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn int4_dot_avx2(w: &[u8], scales: &[f32], x: &[i8], offsets: &[i32]) -> f32 {
+    let ones = _mm256_set1_epi16(1);
+    // Two accumulators: consecutive groups' additions do not wait on each other.
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for (g, &scale) in scales.iter().enumerate() {
+        // SAFETY: group g is in bounds.
+        let c = unsafe { int4_group(w, x, g) };
+        let p = c.map(|(w, x)| _mm256_maddubs_epi16(w, x));
+        let p = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+        let off = _mm256_setr_epi32(offsets[g], 0, 0, 0, 0, 0, 0, 0);
+        let s = _mm256_sub_epi32(_mm256_madd_epi16(p, ones), off);
+        // A multiply and an add, not an FMA: the kernels' feature checks do not include `fma`.
+        let y = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale));
+        acc[g & 1] = _mm256_add_ps(acc[g & 1], y);
+    }
+    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// Int4 with `vpdpbusd` (256-bit form), see the module docs and `super::Kernel::int4_dot`.
+///
+/// # Safety
+/// `avx512vnni` and `avx512vl` must be available; the slices as for [`int4_dot_avx2`].
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+pub(super) unsafe fn int4_dot_vnni(w: &[u8], scales: &[f32], x: &[i8], offsets: &[i32]) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for (g, &scale) in scales.iter().enumerate() {
+        // SAFETY: group g is in bounds.
+        let c = unsafe { int4_group(w, x, g) };
+        // Two chains per group, so that `vpdpbusd`'s latency is paid twice, not four times.
+        let a = _mm256_setr_epi32(-offsets[g], 0, 0, 0, 0, 0, 0, 0);
+        let a = _mm256_dpbusd_epi32(a, c[0].0, c[0].1);
+        let b = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c[1].0, c[1].1);
+        let a = _mm256_dpbusd_epi32(a, c[2].0, c[2].1);
+        let b = _mm256_dpbusd_epi32(b, c[3].0, c[3].1);
+        let s = _mm256_add_epi32(a, b);
+        let y = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale));
+        acc[g & 1] = _mm256_add_ps(acc[g & 1], y);
+    }
+    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
 }

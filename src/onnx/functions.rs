@@ -7,6 +7,8 @@
 //!   `MatMulInteger(X, Wᵀ)`.
 //! - The fused linears (`engine::ops::LinearSpec`): RMSNorm (`N`, `epsilon`), per-token absmax int8 quantization,
 //!   the product, `Div` by the activation scale and `Mul` by the weights' (`S`), the GLU and the residual (`R`).
+//!   Int4 weights (`kernels::int4`) are unpacked and multiplied by their group scales (`S: [N, G]`) before an f32
+//!   `MatMul` with the integer-valued activations.
 //! - `KvAttention`: split of the fused projection, RoPE from `position_ids` and `inv_freq`, the causal mask from
 //!   `attention_mask`, and ONNX `Attention` (opset 23) with grouped KV heads and explicit past/present tensors.
 //!   Its reshapes use the model's head counts, so the exporter writes one body per model ([`definitions`]).
@@ -138,6 +140,16 @@ fn reference(name: &str, from: &str, ty: AttributeType) -> AttributeProto {
     }
 }
 
+/// `BitShift`'s `direction = "RIGHT"`.
+fn shift_right() -> AttributeProto {
+    AttributeProto {
+        name: "direction".into(),
+        r#type: AttributeType::String as i32,
+        s: b"RIGHT".to_vec(),
+        ..Default::default()
+    }
+}
+
 fn to(dt: DataType) -> AttributeProto {
     attr_i("to", dt as i64)
 }
@@ -177,16 +189,7 @@ fn bit_matmul(opset: i64) -> FunctionProto {
     let shape = b.i64s(&[0, -1, 1, 32]);
     let blocks = b.op("Reshape", &["W", &shape], vec![]);
     let shifts = b.constant(DataType::Uint8, &[4, 1], vec![0, 2, 4, 6]);
-    let shifted = b.op(
-        "BitShift",
-        &[&blocks, &shifts],
-        vec![AttributeProto {
-            name: "direction".into(),
-            r#type: AttributeType::String as i32,
-            s: b"RIGHT".to_vec(),
-            ..Default::default()
-        }],
-    );
+    let shifted = b.op("BitShift", &[&blocks, &shifts], vec![shift_right()]);
     let three = b.constant(DataType::Uint8, &[], vec![3]);
     let codes = b.op("BitwiseAnd", &[&shifted, &three], vec![]);
     let rows = b.i64s(&[0, -1]);
@@ -231,6 +234,31 @@ fn quantize(b: &mut Body, x: &str) -> (String, String) {
     (b.op("Cast", &[&r], vec![to(DataType::Int8)]), scale)
 }
 
+/// `W: uint8[N, G*64]` and `S: float[N, G]` of an int4 linear as `float[N, K]` weights: per group, the low
+/// nibbles then the high ones, minus 8, times the group's scale; the padding columns dropped.
+fn int4_weights(b: &mut Body) -> String {
+    let groups = b.i64s(&[0, -1, crate::kernels::int4::GROUP as i64 / 2]);
+    let bytes = b.op("Reshape", &["W", &groups], vec![]);
+    let (fifteen, four) = (
+        b.constant(DataType::Uint8, &[], vec![15]),
+        b.constant(DataType::Uint8, &[], vec![4]),
+    );
+    let lo = b.op("BitwiseAnd", &[&bytes, &fifteen], vec![]);
+    let hi = b.op("BitShift", &[&bytes, &four], vec![shift_right()]);
+    let codes = b.op("Concat", &[&lo, &hi], vec![attr_i("axis", -1)]);
+    let codes = b.op("Cast", &[&codes], vec![to(DataType::Float)]);
+    let eight = b.f32(8.0);
+    let levels = b.op("Sub", &[&codes, &eight], vec![]);
+    let last = b.i64s(&[-1]);
+    let s = b.op("Unsqueeze", &["S", &last], vec![]);
+    let w = b.op("Mul", &[&levels, &s], vec![]);
+    let rows = b.i64s(&[0, -1]);
+    let w = b.op("Reshape", &[&w, &rows], vec![]);
+    let k = b.op("Shape", &["X"], vec![attr_i("start", -1)]);
+    let (zero, axis1) = (b.i64s(&[0]), b.i64s(&[1]));
+    b.op("Slice", &[&w, &zero, &k, &axis1], vec![])
+}
+
 /// The fused linear `spec`.
 fn linear(spec: LinearSpec, opset: i64) -> FunctionProto {
     let mut b = Body::default();
@@ -263,6 +291,16 @@ fn linear(spec: LinearSpec, opset: i64) -> FunctionProto {
             let y = b.op("Cast", &[&acc], vec![to(DataType::Float)]);
             let y = b.op("Div", &[&y, &scale], vec![]);
             b.op("Mul", &[&y, "S"], vec![])
+        }
+        WeightFormat::Int4 => {
+            // The integer-valued activations against the weights times their group scales, in f32: the same
+            // sum as the kernels' exact group sums times the scales, up to float rounding.
+            let (q, scale) = quantize(&mut b, &x);
+            let q = b.op("Cast", &[&q], vec![to(DataType::Float)]);
+            let w = int4_weights(&mut b);
+            let wt = b.op("Transpose", &[&w], vec![attr_ints("perm", &[1, 0])]);
+            let y = b.op("MatMul", &[&q, &wt], vec![]);
+            b.op("Div", &[&y, &scale], vec![])
         }
     };
     if let Some(glu) = spec.glu {

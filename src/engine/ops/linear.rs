@@ -6,6 +6,9 @@
 //! of output features, every token) applies the scales, the GLU and the residual as it writes each value, so no
 //! f32 intermediate goes back to memory between them. Weights are read in place (`engine::weights`).
 //!
+//! With int4 weights (`kernels::int4`) `S` holds a scale per group of 128 columns, which the product applies
+//! inside each row's sum.
+//!
 //! ONNX inputs: `X, [N], W, [S], [R]` (see [`LinearSpec::inputs`]); attributes `in_features`, `out_features`
 //! (rows of `W`) and, with a norm, `epsilon`. After the loader's preparation `W` is a reference to the data file.
 
@@ -19,7 +22,7 @@ use tract_onnx::tract_hir::internal::*;
 use super::{node_weights, Glu, LinearSpec, WeightFormat};
 use crate::engine::weights::Weights;
 use crate::kernels::act::{self, QRowLayout};
-use crate::kernels::{self, pack, Kernel, TernaryWeights};
+use crate::kernels::{self, int4, pack, Kernel, TernaryWeights};
 use crate::team::{self, Job, Region, RegionMut};
 
 /// Chunks per thread of the product: enough that a late thread's share is small, few enough that claiming costs
@@ -53,6 +56,7 @@ pub(crate) fn parse(
     let (expected, align) = match spec.weights {
         WeightFormat::Bit => (pack::packed_len(n, k), 1),
         WeightFormat::Int8 => (n * k, 1),
+        WeightFormat::Int4 => (n * int4::row_bytes(k), 1),
         WeightFormat::F32 => (n * k * 4, 4),
     };
     let weights = node_weights(ctx, node, align)?;
@@ -162,9 +166,13 @@ impl Expansion for LinearExpansion {
         } else {
             None
         };
+        let scales = match self.spec.weights {
+            WeightFormat::Int4 => self.n * int4::groups(self.k),
+            _ => self.n,
+        };
         let scale = if self.spec.weights != WeightFormat::F32 {
             i += 1;
-            Some(konst(i - 1, self.n, "scales")?)
+            Some(konst(i - 1, scales, "scales")?)
         } else {
             None
         };
@@ -209,9 +217,9 @@ impl FusedLinear {
         self.kernel
     }
 
-    /// Bytes of weights one token reads.
+    /// Bytes of weights one token reads, with their scales.
     pub fn weight_bytes(&self) -> usize {
-        self.weights.bytes().len()
+        self.weights.bytes().len() + self.scale.as_ref().map_or(0, |s| s.len() * 4)
     }
 
     /// Whether the weights are file-backed.
@@ -230,6 +238,7 @@ impl FusedLinear {
     fn layout(&self) -> QRowLayout {
         let padded = match self.spec.weights {
             WeightFormat::Bit => pack::blocks(self.k) * pack::BLOCK,
+            WeightFormat::Int4 => int4::padded(self.k),
             _ => self.k,
         };
         QRowLayout::new(self.k, padded)
@@ -512,6 +521,16 @@ impl Product {
                             put(r, t, epi(r, t, acc))
                         });
                     }
+                    // The group scales are the kernel's; only the activation's is left.
+                    WeightFormat::Int4 => kernels::int4_rows(
+                        op.kernel,
+                        op.weights.bytes(),
+                        scale,
+                        op.k,
+                        rows,
+                        &xs,
+                        |r, t, y| put(r, t, y * inv[t]),
+                    ),
                     _ => kernels::int8_rows(
                         op.kernel,
                         op.weights.as_i8(),

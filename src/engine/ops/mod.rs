@@ -1,6 +1,6 @@
 //! bitnetd's tract ops, one per `ai.bitnetd` ONNX op the exporter writes (each also defined as an ONNX
 //! function in standard ops, `onnx::functions`, so that other runtimes run the same file):
-//! - [`linear`]: a fused linear, `{Bit|Int8|F32}Linear[Norm][Relu2Glu|SiluGlu][Add]`: RMSNorm, per-token int8
+//! - [`linear`]: a fused linear, `{Bit|Int8|Int4|F32}Linear[Norm][Relu2Glu|SiluGlu][Add]`: RMSNorm, per-token int8
 //!   quantization, the product on packed weights, the scales, the GLU and the residual in one op;
 //! - [`attention`]: RoPE, the paged KV cache (its own state, f16 or f32) and streaming softmax attention;
 //! - [`embedding`]: the token lookup, one row per token read from the data file (the table is never resident).
@@ -50,6 +50,8 @@ pub enum WeightFormat {
     Bit,
     /// int8 rows with one f32 scale per row.
     Int8,
+    /// 4-bit rows in groups of 128 columns, one f32 scale per group (`kernels::int4`).
+    Int4,
     /// f32 rows, no activation quantization.
     F32,
 }
@@ -80,6 +82,7 @@ impl LinearSpec {
         let w = match self.weights {
             WeightFormat::Bit => "Bit",
             WeightFormat::Int8 => "Int8",
+            WeightFormat::Int4 => "Int4",
             WeightFormat::F32 => "F32",
         };
         let glu = match self.glu {
@@ -99,6 +102,7 @@ impl LinearSpec {
         let (weights, rest) = [
             ("BitLinear", WeightFormat::Bit),
             ("Int8Linear", WeightFormat::Int8),
+            ("Int4Linear", WeightFormat::Int4),
             ("F32Linear", WeightFormat::F32),
         ]
         .into_iter()
@@ -129,7 +133,12 @@ impl LinearSpec {
     /// Every fused linear the exporter can write.
     pub fn all() -> Vec<LinearSpec> {
         let mut v = vec![];
-        for weights in [WeightFormat::Bit, WeightFormat::Int8, WeightFormat::F32] {
+        for weights in [
+            WeightFormat::Bit,
+            WeightFormat::Int8,
+            WeightFormat::Int4,
+            WeightFormat::F32,
+        ] {
             for norm in [false, true] {
                 for glu in [None, Some(Glu::Relu2), Some(Glu::Silu)] {
                     for residual in [false, true] {
@@ -214,7 +223,7 @@ mod tests {
     #[test]
     fn op_types_spell_their_structure_and_parse_back() {
         let all = LinearSpec::all();
-        assert_eq!(all.len(), 36);
+        assert_eq!(all.len(), 48);
         for s in &all {
             assert_eq!(LinearSpec::parse(&s.op_type()), Some(*s), "{}", s.op_type());
         }
