@@ -2,18 +2,20 @@
 //!
 //!   cargo bench --bench decode -- [--model DIR] [--threads N] [--prompt-tokens 128] [--long-prompt 1500]
 //!                                 [--tokens 32] [--runs 3] [--kv f16|f32] [--weights loaded|mapped]
-//!                                 [--contended] [--sweep]
+//!                                 [--output-layer screened|exact] [--contended] [--sweep]
 //!
 //! It reports, as one line of JSON and a few human lines:
 //! - prefill tokens/s on a `--prompt-tokens` prompt, and time to first token;
 //! - decode tokens/s after that prompt and after a `--long-prompt` one, and their ratio;
 //! - peak RSS over the whole run (it includes the long context's KV cache), and the load's peak against the
 //!   resident size after loading;
-//! - the bytes one decode step reads (weights and KV cache), this machine's read bandwidth with the same threads
+//! - the bytes one decode step reads (weights, the screened output layer's candidates on average, and the KV
+//!   cache), this machine's read bandwidth with the same threads
 //!   (measured by a child process, so that its buffer is not in the peak, right before each decode run: the
 //!   share of the ceiling pairs the best run with the bandwidth of its own moment, on a host whose bandwidth
 //!   varies by half from minute to minute), the bandwidth ceiling and decode's share of it, and what a
 //!   Raspberry Pi 4 (5.5 GB/s) and Pi 5 (10 GB/s) allow: their ceilings, and their speed at the same share;
+//! - before the measured runs, 1000 decode steps bring the thread tuner to the probe rate of a daemon in service;
 //! - with `--contended`: decode (160 tokens or more) on 1 thread and on all threads while another process keeps
 //!   one core busy, and their ratio (more threads must never be slower on a busy board);
 //! - with `--sweep`: one decode step's time after 64, 128, 256, ... cached tokens.
@@ -28,7 +30,12 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bitnetd::engine::{sampler::argmax, KvFormat, LoadOptions, Model, WeightResidency};
+use bitnetd::engine::{
+    sampler::argmax, KvFormat, LoadOptions, Model, OutputLayer, WeightResidency,
+};
+
+/// Decode steps before the measured runs: enough for the thread tuner's probe period to reach its longest.
+const WARMUP_STEPS: usize = 1000;
 
 /// A `/proc/self/status` field in MiB (`VmHWM` peak, `VmRSS` now).
 fn status_mib(field: &str) -> f64 {
@@ -182,6 +189,10 @@ fn main() {
             "--weights" => {
                 opts.residency = WeightResidency::parse(&val()).expect("--weights loaded|mapped")
             }
+            "--output-layer" => {
+                opts.output_layer =
+                    OutputLayer::parse(&val()).expect("--output-layer screened|exact")
+            }
             "--prefill-chunk" => prefill_chunk = Some(val().parse().unwrap()),
             "--contended" => contended = true,
             "--sweep" => sweep = true,
@@ -202,6 +213,13 @@ fn main() {
     let long_prompt = long_prompt.min(ctx.saturating_sub(tokens + 1));
 
     let short = prompt(&m, prompt_tokens, 0);
+    // The thread tuner (`engine::tuner`) probes one thread fewer every 32 steps at first, every 512 once the
+    // probes keep confirming its choice: a daemon in service runs at that steady rate. Decoding to it first
+    // keeps the measured runs from paying the first minutes' probes (8 slower steps in a run of 32 skew it).
+    let warm = std::cmp::min(WARMUP_STEPS, ctx.saturating_sub(prompt_tokens + 1));
+    if warm > 0 {
+        run(&m, &short, warm);
+    }
     let (prefill, ttft, decode, bandwidth) = best(&m, &short, tokens, runs, Some(threads));
     let long = prompt(&m, long_prompt, 1);
     let (_, _, decode_long, _) = best(&m, &long, tokens, runs.min(2), None);
@@ -249,8 +267,18 @@ fn main() {
 
     let plan = m.summary();
     let row = plan.embedding_bytes as f64 / m.meta.architecture.vocab_size.max(1) as f64;
+    // The screened output layer's exact rows, on average over every step of the run.
+    let candidates = m
+        .screen_counts()
+        .map(|c| c.rescored as f64 / c.steps.max(1) as f64);
+    let candidate_bytes = m.screen_counts().map_or(0.0, |c| {
+        c.rescored as f64 / c.steps.max(1) as f64 * c.candidate_bytes as f64
+    });
     let step_bytes = |context: usize| {
-        plan.product_bytes as f64 + row + m.kv_bytes_per_token() as f64 * context as f64
+        plan.product_bytes as f64
+            + candidate_bytes
+            + row
+            + m.kv_bytes_per_token() as f64 * context as f64
     };
     let (bytes_short, bytes_long) = (
         step_bytes(prompt_tokens + tokens / 2),
@@ -264,6 +292,8 @@ fn main() {
         "model": m.meta.name, "parameters": m.meta.parameters, "threads": threads,
         "kernel": m.kernel().map(|k| k.name()), "kv_cache": plan.kv.format.name(),
         "weights": if plan.products_mapped { "mapped" } else { "loaded" },
+        "output_layer": if plan.screened_output { "screened" } else { "exact" },
+        "screen_candidates_per_token": candidates,
         "prompt_tokens": prompt_tokens, "long_prompt_tokens": long_prompt, "tokens": tokens, "runs": runs,
         "prefill_tokens_per_s": prefill, "ttft_ms": ttft * 1e3,
         "decode_tokens_per_s": decode, "decode_long_tokens_per_s": decode_long,
@@ -279,7 +309,7 @@ fn main() {
     });
     println!("{out}");
     eprintln!(
-        "{}: {} threads, kernel {}, {} KV cache, {} weights",
+        "{}: {} threads, kernel {}, {} KV cache, {} weights, {} output layer{}",
         m.meta.name,
         threads,
         m.kernel().map_or("none", |k| k.name()),
@@ -288,7 +318,13 @@ fn main() {
             "mapped"
         } else {
             "loaded"
-        }
+        },
+        if plan.screened_output {
+            "screened"
+        } else {
+            "exact"
+        },
+        candidates.map_or(String::new(), |c| format!(" ({c:.0} candidates per token)"))
     );
     eprintln!(
         "  prefill {prefill:.1} tok/s ({prompt_tokens} tokens, TTFT {:.0} ms); decode {decode:.1} tok/s after \

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use crate::engine::kv::{KvFormat, PAGE};
+use crate::engine::OutputLayer;
 use crate::meta::{ModelMeta, DATA_FILE, ONNX_FILE};
 
 /// Allowance for the runtime beyond weights and KV cache: tokenizer, tract's plan and scratch, the daemon.
@@ -26,12 +27,14 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
-    /// Estimates the resident size of the model in `dir` with `slots` sessions and a `kv` cache.
+    /// Estimates the resident size of the model in `dir` with `slots` sessions and a `kv` cache; a screened
+    /// output layer counts as its high plane (half its int8 bytes: its rows are read from the file).
     pub fn for_model(
         dir: &Path,
         meta: &ModelMeta,
         slots: usize,
         kv: KvFormat,
+        output_layer: OutputLayer,
     ) -> std::io::Result<MemoryEstimate> {
         let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len());
         let data = match size(DATA_FILE) {
@@ -40,11 +43,16 @@ impl MemoryEstimate {
             Err(e) => return Err(e),
         };
         let a = &meta.architecture;
-        let table = crate::onnx::inspect::lookup_only_table_bytes(&dir.join(ONNX_FILE))?;
+        let facts = crate::onnx::inspect::graph_facts(&dir.join(ONNX_FILE))?;
+        let in_file = facts.lookup_only_table
+            + match output_layer {
+                OutputLayer::Screened => facts.int8_output_layer / 2,
+                OutputLayer::Exact => 0,
+            };
         let positions = meta.context_length.div_ceil(PAGE) * PAGE;
         let kv_bytes = 2 * a.layers * a.kv_heads * a.head_dim * positions * kv.bytes();
         Ok(MemoryEstimate {
-            weights: (size(ONNX_FILE)? + data).saturating_sub(table),
+            weights: (size(ONNX_FILE)? + data).saturating_sub(in_file),
             kv_per_slot: kv_bytes as u64,
             slots,
             overhead: RUNTIME_OVERHEAD_BYTES,

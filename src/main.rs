@@ -163,6 +163,9 @@ struct GenerateArgs {
     /// Threads for matrix products (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// How the int8 output layer runs (as `[model] output_layer`).
+    #[arg(long, value_enum, default_value_t)]
+    output_layer: bitnetd::engine::OutputLayer,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -347,7 +350,10 @@ fn ask(a: AskArgs, env: &Env) -> Result<()> {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let dir = a.model.clone().unwrap_or_else(default_model_dir);
-    let mut opts = LoadOptions::default();
+    let mut opts = LoadOptions {
+        output_layer: a.output_layer,
+        ..Default::default()
+    };
     if let Some(t) = a.threads {
         opts.threads = t;
     }

@@ -14,6 +14,11 @@
 //! hold the job by `Arc`, so nothing a late helper touches is freed or reused under it. When a chunk was taken
 //! over, the caller returns a fresh copy of the output instead of the job's own.
 //!
+//! Helpers run at a lower priority than the thread running the pass ([`HELPER_NICE`]). On a board whose cores
+//! are busy with other work, the scheduler then shares a core between a helper and the other work before it
+//! shares one between the pass's own thread and that work: the thread that cannot be replaced keeps a core, and
+//! the helper adds what it gets of another.
+//!
 //! Between jobs the helpers spin for a short while (yielding the core to other processes as they do), then
 //! sleep until the next job. One job runs at a time: a caller that finds the team busy (another engine slot)
 //! runs its job alone.
@@ -543,7 +548,21 @@ fn regions_partition<J: Job>(job: &J, len: usize) -> bool {
     seen.iter().all(|&s| s)
 }
 
+/// Nice steps a helper takes below the thread that started the team (see the module docs).
+pub const HELPER_NICE: i32 = 5;
+
+/// Lowers the calling thread's priority by [`HELPER_NICE`] (on Linux the nice value is per thread). Failure
+/// leaves it as it was: raising a nice value is always allowed, so only an unusual system refuses.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `nice` has no memory effects; it changes this thread's scheduling weight.
+    unsafe {
+        libc::nice(HELPER_NICE);
+    }
+}
+
 fn helper_loop(sh: &Shared, index: usize) {
+    lower_priority();
     // The epoch the team started at, not the current one: a helper thread may first run after jobs (or the
     // team's drop) were published.
     let mut seen = 0;

@@ -625,9 +625,14 @@ fn a_cgroup_limit_below_the_budget_refuses_requests_whose_kv_cache_cannot_fit() 
     // KV cache per token: 768 KiB more hold 512 tokens.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
     let meta = bitnetd::meta::ModelMeta::read(&dir).unwrap();
-    let e =
-        bitnetd::budget::MemoryEstimate::for_model(&dir, &meta, 1, bitnetd::engine::KvFormat::F16)
-            .unwrap();
+    let e = bitnetd::budget::MemoryEstimate::for_model(
+        &dir,
+        &meta,
+        1,
+        bitnetd::engine::KvFormat::F16,
+        bitnetd::engine::OutputLayer::Screened,
+    )
+    .unwrap();
     assert_eq!(e.kv_per_slot / meta.context_length as u64, 1536);
     let limit = e.weights + e.overhead + (3 << 18);
     let d = Daemon::start("[budget]\nsample_ms = 50\n");

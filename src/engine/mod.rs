@@ -3,8 +3,10 @@
 //!
 //! Loading: [`prepare`] adapts the exported graph (KV cache as op state, weights by reference), tract parses it
 //! into bitnetd's own [`ops`] (fused linears, attention over [`kv`] pages, the embedding lookup) reading
-//! [`weights`] in place, and every forward pass runs their parallel parts on the model's `crate::team`.
+//! [`weights`] in place, and every forward pass runs their parallel parts on the model's `crate::team`. Loading
+//! also fixes the allocator's mmap threshold (`alloc`), so that a long prompt's activations go back to the system.
 
+mod alloc;
 pub mod chat;
 mod error;
 pub mod kv;
@@ -22,7 +24,8 @@ mod worker;
 pub use chat::Message;
 pub use error::EngineError;
 pub use kv::KvFormat;
-pub use model::{LoadOptions, Model, PlanSummary};
+pub use model::{LoadOptions, Model, PlanSummary, ScreenCounts};
+pub use ops::screen::OutputLayer;
 pub use request::{GenerateParams, Prompt, ValidatedRequest};
 pub use sampler::SamplingParams;
 pub use session::{FinishReason, Generation, Observer, Session, TokenEvent, PREFILL_CHUNK};

@@ -15,6 +15,7 @@ use super::kv::{KvFormat, KvShape};
 use super::ops::attention::KvAttention;
 use super::ops::embedding::Lookup;
 use super::ops::linear::FusedLinear;
+use super::ops::screen::{OutputLayer, Planes};
 use super::prepare::{self, PrepareOptions};
 use super::request::{GenerateParams, Prompt, ValidatedRequest};
 use super::session::Session;
@@ -34,6 +35,8 @@ pub struct LoadOptions {
     pub kv_format: KvFormat,
     /// How the products' weights are held (the embedding table is always mapped).
     pub residency: WeightResidency,
+    /// How the int8 output layer runs (`ops::screen`).
+    pub output_layer: OutputLayer,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +47,7 @@ impl Default for LoadOptions {
                 .unwrap_or(1),
             kv_format: KvFormat::default(),
             residency: WeightResidency::default(),
+            output_layer: OutputLayer::default(),
         }
     }
 }
@@ -72,6 +76,20 @@ pub struct PlanSummary {
     pub products_mapped: bool,
     /// Bytes of the embedding table (read a row per token from the file, never resident).
     pub embedding_bytes: u64,
+    /// Whether the output layer is screened (`ops::screen`): `product_bytes` then counts its screen, and each
+    /// candidate reads [`Model::screen_counts`]' `candidate_bytes` more.
+    pub screened_output: bool,
+}
+
+/// What the screened output layer did since load (see [`Model::screen_counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScreenCounts {
+    /// Token rows screened.
+    pub steps: u64,
+    /// Rows computed exactly over all those steps.
+    pub rescored: u64,
+    /// Bytes one exact row reads.
+    pub candidate_bytes: u64,
 }
 
 /// An exported model, loaded and optimized once.
@@ -83,6 +101,8 @@ pub struct Model {
     pub(crate) slots: InputSlots,
     chat: Option<ChatTemplate>,
     summary: PlanSummary,
+    /// The screened output layer's planes, for their counts.
+    planes: Option<Arc<Planes>>,
     /// The forward passes' helpers (`threads - 1` of them).
     pub(crate) team: Arc<Team>,
     /// Threads allowed now.
@@ -104,6 +124,7 @@ impl Model {
         if opts.threads == 0 {
             return Err(err("threads must be at least 1".into()));
         }
+        super::alloc::tune();
         let meta = ModelMeta::read(dir).map_err(|e| err(e.to_string()))?;
         let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER_FILE))
             .map_err(|e| err(format!("tokenizer.json: {e}")))?;
@@ -125,6 +146,7 @@ impl Model {
             PrepareOptions {
                 kv_format: opts.kv_format,
                 residency: opts.residency,
+                output_layer: opts.output_layer,
             },
         )
         .map_err(|e| err(e.to_string()))?;
@@ -142,6 +164,11 @@ impl Model {
             .and_then(|m| m.into_optimized())
             .map_err(|e| err(format!("{e:#}")))?;
         let summary = summarize(&typed).map_err(err)?;
+        let planes = typed
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<FusedLinear>())
+            .find_map(|l| l.planes().cloned());
         let slots = input_slots(&typed).map_err(err)?;
         let plan = typed
             .into_runnable_with_options(&RunOptions::default())
@@ -161,6 +188,7 @@ impl Model {
             slots,
             chat,
             summary,
+            planes,
             team: Arc::new(team),
             threads: AtomicUsize::new(opts.threads),
             max_threads: opts.threads,
@@ -177,6 +205,18 @@ impl Model {
     /// What the plan is made of.
     pub fn summary(&self) -> PlanSummary {
         self.summary
+    }
+
+    /// What the screened output layer did since load; `None` when it is not screened.
+    pub fn screen_counts(&self) -> Option<ScreenCounts> {
+        self.planes.as_ref().map(|p| {
+            let (steps, rescored) = p.counts();
+            ScreenCounts {
+                steps,
+                rescored,
+                candidate_bytes: p.candidate_bytes() as u64,
+            }
+        })
     }
 
     /// The kernel running the packed products.
@@ -317,6 +357,7 @@ fn summarize(model: &TypedModel) -> Result<PlanSummary, String> {
             .filter_map(|n| n.op_as::<Lookup>())
             .map(|l| l.weights().len() as u64)
             .sum(),
+        screened_output: linears.iter().any(|l| l.planes().is_some()),
     })
 }
 

@@ -14,6 +14,7 @@ use tract_onnx::pb::tensor_proto::DataLocation;
 use tract_onnx::pb::{AttributeProto, ModelProto, TensorProto};
 
 use super::kv::KvFormat;
+use super::ops::screen::OutputLayer;
 use super::ops::{self, LinearSpec, ATTENTION, DOMAIN, EMBEDDING, INT8_EMBEDDING};
 use super::weights::WeightResidency;
 
@@ -22,6 +23,7 @@ use super::weights::WeightResidency;
 pub struct PrepareOptions {
     pub kv_format: KvFormat,
     pub residency: WeightResidency,
+    pub output_layer: OutputLayer,
 }
 
 /// Errors preparing a graph: it is not one bitnetd exported (or of an older format).
@@ -76,8 +78,10 @@ pub fn prepare(proto: &mut ModelProto, opts: PrepareOptions) -> Result<Prepared,
             Some(1)
         } else {
             LinearSpec::parse(&node.op_type).map(|s| {
-                node.attribute
-                    .push(attr_s(ops::ATTR_RESIDENCY, opts.residency.name()));
+                node.attribute.extend([
+                    attr_s(ops::ATTR_RESIDENCY, opts.residency.name()),
+                    attr_s(ops::ATTR_OUTPUT_LAYER, opts.output_layer.name()),
+                ]);
                 s.inputs()
                     .iter()
                     .position(|&i| i == "W")
@@ -284,6 +288,7 @@ mod tests {
         let opts = PrepareOptions {
             kv_format: KvFormat::F16,
             residency: WeightResidency::Mapped,
+            output_layer: OutputLayer::Exact,
         };
         let done = prepare(&mut m, opts).unwrap();
         assert_eq!(
@@ -311,6 +316,7 @@ mod tests {
             b"model.onnx.data"
         );
         assert_eq!(attr(linear, ops::ATTR_RESIDENCY).s, b"mapped");
+        assert_eq!(attr(linear, ops::ATTR_OUTPUT_LAYER).s, b"exact");
         assert_eq!(attr(embed, ops::ATTR_WEIGHT_DIMS).ints, [4, 32]);
         assert_eq!(attention.input.iter().filter(|i| !i.is_empty()).count(), 4);
         assert_eq!(attention.output, ["y", "", ""]);

@@ -210,6 +210,26 @@ impl Weights {
         }))
     }
 
+    /// `len` zero bytes of anonymous memory (transparent huge pages where the kernel offers them), for weights
+    /// derived at load from the file's (see [`Weights::bytes_mut`]).
+    pub fn anonymous(len: usize) -> std::io::Result<Weights> {
+        let anon = MmapMut::map_anon(len.max(1))?;
+        let _ = anon.advise(Advice::HugePage);
+        Ok(Weights {
+            bytes: Bytes::Loaded(anon),
+            len,
+            path: PathBuf::from("<derived>"),
+        })
+    }
+
+    /// The bytes of anonymous weights, to fill them before they are shared; `None` for file-backed ones.
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match &mut self.bytes {
+            Bytes::Loaded(m) => Some(&mut m[..self.len]),
+            _ => None,
+        }
+    }
+
     /// Bytes held.
     pub fn len(&self) -> usize {
         self.len

@@ -16,6 +16,9 @@
 //! activation rows (prefill), reuse each unpacked weight block for up to [`M_TILE`] of them; where the registers
 //! allow (VNNI, both NEON kernels), two weight rows share each activation load, a 2 × 4 tile.
 //!
+//! [`planes`] splits int8 weights into two 4-bit planes with one kernel for both ([`Kernel::nibble_dot`]), for
+//! the screened output layer.
+//!
 //! Beside the products: [`act`] (RMSNorm and per-token int8 quantization, the linears' prologue), [`attention`]
 //! (online softmax over blocks of keys), [`f16`] (the KV cache's conversions).
 
@@ -25,6 +28,7 @@ pub mod f16;
 pub mod int4;
 mod matmul;
 pub mod pack;
+pub mod planes;
 mod scalar;
 
 #[cfg(target_arch = "aarch64")]

@@ -349,3 +349,72 @@ pub(super) unsafe fn int4_dot_sdot(w: &[u8], scales: &[f32], x: &[i8]) -> f32 {
     }
     vaddvq_f32(vaddq_f32(acc[0], acc[1]))
 }
+
+/// One group of a nibble row (`super::planes`) at `g`: eight unsigned code vectors (0..=15, so also valid signed
+/// bytes), each with the 16 activations it multiplies, as [`int4_group`] lays them out.
+///
+/// # Safety
+/// Group `g` must be in bounds of `w` and `x`.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn nibble_group(w: &[u8], x: &[i8], g: usize) -> [(int8x16_t, int8x16_t); 8] {
+    let mask = vdupq_n_u8(0x0F);
+    // SAFETY: in bounds by the caller's contract.
+    unsafe {
+        let (wp, xp) = (w.as_ptr().add(g * GROUP_BYTES), x.as_ptr().add(g * GROUP));
+        let mut out = [(vdupq_n_s8(0), vdupq_n_s8(0)); 8];
+        for c in 0..4 {
+            let b = vld1q_u8(wp.add(16 * c));
+            out[2 * c] = (
+                vreinterpretq_s8_u8(vandq_u8(b, mask)),
+                vld1q_s8(xp.add(16 * c)),
+            );
+            out[2 * c + 1] = (
+                vreinterpretq_s8_u8(vshrq_n_u8::<4>(b)),
+                vld1q_s8(xp.add(64 + 16 * c)),
+            );
+        }
+        out
+    }
+}
+
+/// Nibble rows with `smull`/`smlal`: each i16 lane sums the four products of a group it takes (at most
+/// 4·15·128 = 7680), widened once per group into one of two accumulators.
+///
+/// # Safety
+/// The slices as `super::Kernel::nibble_dot` checks them.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn nibble_dot(w: &[u8], x: &[i8]) -> i32 {
+    let mut acc = [vdupq_n_s32(0); 2];
+    for g in 0..w.len() / GROUP_BYTES {
+        prefetch(w.as_ptr().wrapping_add(g * GROUP_BYTES + PREFETCH));
+        // SAFETY: group g is in bounds.
+        let v = unsafe { nibble_group(w, x, g) };
+        let (mut lo, mut hi) = (vdupq_n_s16(0), vdupq_n_s16(0));
+        for (wv, xv) in v {
+            lo = vmlal_s8(lo, vget_low_s8(wv), vget_low_s8(xv));
+            hi = vmlal_high_s8(hi, wv, xv);
+        }
+        acc[g & 1] = vpadalq_s16(vpadalq_s16(acc[g & 1], lo), hi);
+    }
+    vaddvq_s32(vaddq_s32(acc[0], acc[1]))
+}
+
+/// Nibble rows with `sdot`: four accumulators, two `sdot` each per group.
+///
+/// # Safety
+/// `dotprod` must be available; the slices as for [`nibble_dot`].
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn nibble_dot_sdot(w: &[u8], x: &[i8]) -> i32 {
+    let mut acc = [vdupq_n_s32(0); 4];
+    for g in 0..w.len() / GROUP_BYTES {
+        prefetch(w.as_ptr().wrapping_add(g * GROUP_BYTES + PREFETCH));
+        // SAFETY: group g is in bounds; `dotprod` is enabled.
+        let v = unsafe { nibble_group(w, x, g) };
+        for (i, (wv, xv)) in v.into_iter().enumerate() {
+            acc[i % 4] = unsafe { sdot(acc[i % 4], wv, xv) };
+        }
+    }
+    let [a, b, c, d] = acc;
+    vaddvq_s32(vaddq_s32(vaddq_s32(a, b), vaddq_s32(c, d)))
+}

@@ -60,3 +60,18 @@ pub(super) fn int4_dot(w: &[u8], scales: &[f32], x: &[i8]) -> f32 {
     }
     y
 }
+
+/// `Σ code · x` of one packed nibble row; see [`super::Kernel::nibble_dot`].
+pub(super) fn nibble_dot(w: &[u8], x: &[i8]) -> i32 {
+    use super::int4::{GROUP, GROUP_BYTES};
+    w.chunks_exact(GROUP_BYTES)
+        .zip(x.chunks_exact(GROUP))
+        .map(|(wg, xg)| {
+            let (lo, hi) = xg.split_at(GROUP_BYTES);
+            wg.iter()
+                .zip(lo.iter().zip(hi))
+                .map(|(&b, (&a, &c))| (b & 15) as i32 * a as i32 + (b >> 4) as i32 * c as i32)
+                .sum::<i32>()
+        })
+        .sum()
+}

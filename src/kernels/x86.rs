@@ -295,3 +295,50 @@ pub(super) unsafe fn int4_dot_vnni(w: &[u8], scales: &[f32], x: &[i8], offsets: 
     }
     hsum_ps(_mm256_add_ps(acc[0], acc[1]))
 }
+
+/// Nibble rows (`super::planes`) with `vpmaddubsw`: the four code vectors of a group summed in i16 (at most
+/// 4·2·15·128 = 15360 per lane), widened once per group into one of two accumulators.
+///
+/// # Safety
+/// `avx2` must be available; the slices as `super::Kernel::nibble_dot` checks them.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn nibble_dot_avx2(w: &[u8], x: &[i8]) -> i32 {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_si256(); 2];
+    for g in 0..w.len() / GROUP_BYTES {
+        _mm_prefetch::<_MM_HINT_T0>(
+            w.as_ptr().wrapping_add(g * GROUP_BYTES + PREFETCH) as *const i8
+        );
+        // SAFETY: group g is in bounds.
+        let c = unsafe { int4_group(w, x, g) };
+        let p = c.map(|(w, x)| _mm256_maddubs_epi16(w, x));
+        let p = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+        acc[g & 1] = _mm256_add_epi32(acc[g & 1], _mm256_madd_epi16(p, ones));
+    }
+    hsum(_mm256_add_epi32(acc[0], acc[1]))
+}
+
+/// Nibble rows with `vpdpbusd`: one accumulator per code vector, so that no chain of `vpdpbusd` paces the
+/// stream (this kernel reads the screened output layer, the largest matrix of a decode step).
+///
+/// # Safety
+/// `avx512vnni` and `avx512vl` must be available; the slices as for [`nibble_dot_avx2`].
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+pub(super) unsafe fn nibble_dot_vnni(w: &[u8], x: &[i8]) -> i32 {
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for g in 0..w.len() / GROUP_BYTES {
+        _mm_prefetch::<_MM_HINT_T0>(
+            w.as_ptr().wrapping_add(g * GROUP_BYTES + PREFETCH) as *const i8
+        );
+        // SAFETY: group g is in bounds.
+        let c = unsafe { int4_group(w, x, g) };
+        for (a, (wv, xv)) in acc.iter_mut().zip(c) {
+            *a = _mm256_dpbusd_epi32(*a, wv, xv);
+        }
+    }
+    let [a, b, c, d] = acc;
+    hsum(_mm256_add_epi32(
+        _mm256_add_epi32(a, b),
+        _mm256_add_epi32(c, d),
+    ))
+}

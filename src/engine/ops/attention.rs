@@ -330,6 +330,8 @@ fn attend(
     let past = *past;
     let (hd, group) = (c.head_dim, c.group());
     let nq = tokens.len() * group;
+    let mut qs: Vec<&[f32]> = Vec::with_capacity(QUERY_TILE);
+    let mut visible = Vec::with_capacity(QUERY_TILE);
     for page in pages {
         let n = view.rows_in(page);
         if n == 0 {
@@ -346,8 +348,8 @@ fn attend(
         };
         for tile in (0..nq).step_by(QUERY_TILE) {
             let end = (tile + QUERY_TILE).min(nq);
-            let mut qs: Vec<&[f32]> = Vec::with_capacity(QUERY_TILE);
-            let mut visible = Vec::with_capacity(QUERY_TILE);
+            qs.clear();
+            visible.clear();
             for i in tile..end {
                 let t = tokens.start + i / group;
                 let head = g * group + i % group;

@@ -19,10 +19,13 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use super::{node_weights, Glu, LinearSpec, WeightFormat};
-use crate::engine::weights::Weights;
+use super::screen::{self, OutputLayer, Planes};
+use super::{
+    node_rows, node_weights, Glu, LinearSpec, WeightFormat, ATTR_OUTPUT_LAYER, ATTR_RESIDENCY,
+};
+use crate::engine::weights::{WeightResidency, Weights};
 use crate::kernels::act::{self, QRowLayout};
-use crate::kernels::{self, int4, pack, Kernel, TernaryWeights};
+use crate::kernels::{self, int4, pack, planes, Kernel, TernaryWeights};
 use crate::team::{self, Job, Region, RegionMut};
 
 /// Chunks per thread of the product: enough that a late thread's share is small, few enough that claiming costs
@@ -59,6 +62,43 @@ pub(crate) fn parse(
         WeightFormat::Int4 => (n * int4::row_bytes(k), 1),
         WeightFormat::F32 => (n * k * 4, 4),
     };
+    let kernel = Kernel::from_env().map_err(|e| format_err!(e))?;
+    // Only a plain int8 product (the output layer) is screened.
+    let screened = spec.weights == WeightFormat::Int8
+        && spec.glu.is_none()
+        && !spec.residual
+        && node.get_attr_opt::<String>(ATTR_OUTPUT_LAYER)?.as_deref()
+            == Some(OutputLayer::Screened.name());
+    if screened {
+        // The planes are split from a `pread` of the int8 rows, so the int8 copy is never resident; a mapped
+        // model keeps the mapping for its candidates' exact rows.
+        let source = node_rows(ctx, node)?;
+        ensure!(
+            source.len() == expected,
+            "{}: {} bytes of weights, {n}×{k} int8 weights take {expected}",
+            node.name,
+            source.len()
+        );
+        let residency: String = node.get_attr(ATTR_RESIDENCY)?;
+        let mapped = match WeightResidency::parse(&residency) {
+            Some(WeightResidency::Mapped) => Some(node_weights(ctx, node, 1)?),
+            _ => None,
+        };
+        let planes = Planes::build(source.clone(), mapped.clone(), n, k)
+            .with_context(|| format!("splitting the output layer of {}", node.name))?;
+        return Ok((
+            expand(LinearExpansion {
+                spec,
+                n,
+                k,
+                eps,
+                weights: mapped.unwrap_or(source),
+                planes: Some(Arc::new(planes)),
+                kernel,
+            }),
+            vec![],
+        ));
+    }
     let weights = node_weights(ctx, node, align)?;
     ensure!(
         weights.bytes().len() == expected,
@@ -72,7 +112,6 @@ pub(crate) fn parse(
             .validate_codes()
             .with_context(|| node.name.clone())?;
     }
-    let kernel = Kernel::from_env().map_err(|e| format_err!(e))?;
     Ok((
         expand(LinearExpansion {
             spec,
@@ -80,6 +119,7 @@ pub(crate) fn parse(
             k,
             eps,
             weights,
+            planes: None,
             kernel,
         }),
         vec![],
@@ -93,6 +133,7 @@ struct LinearExpansion {
     k: usize,
     eps: f32,
     weights: Arc<Weights>,
+    planes: Option<Arc<Planes>>,
     kernel: Kernel,
 }
 
@@ -186,6 +227,7 @@ impl Expansion for LinearExpansion {
             k: self.k,
             eps: self.eps,
             weights: self.weights.clone(),
+            planes: self.planes.clone(),
             norm,
             scale,
             kernel: self.kernel,
@@ -201,7 +243,11 @@ pub struct FusedLinear {
     n: usize,
     k: usize,
     eps: f32,
+    /// The weights as the file holds them (for a screened layer: the mapping of a mapped model, else a handle
+    /// that reads nothing after load).
     weights: Arc<Weights>,
+    /// The screened output layer's planes (see `super::screen`).
+    planes: Option<Arc<Planes>>,
     norm: Option<Arc<[f32]>>,
     scale: Option<Arc<[f32]>>,
     kernel: Kernel,
@@ -217,9 +263,19 @@ impl FusedLinear {
         self.kernel
     }
 
-    /// Bytes of weights one token reads, with their scales.
+    /// Bytes of weights one token reads, with their scales (for a screened layer: the screen, without the
+    /// candidates, see [`FusedLinear::planes`]).
     pub fn weight_bytes(&self) -> usize {
-        self.weights.bytes().len() + self.scale.as_ref().map_or(0, |s| s.len() * 4)
+        let scales = self.scale.as_ref().map_or(0, |s| s.len() * 4);
+        match &self.planes {
+            Some(p) => p.screen_bytes() + scales,
+            None => self.weights.bytes().len() + scales,
+        }
+    }
+
+    /// The planes of a screened output layer.
+    pub fn planes(&self) -> Option<&Arc<Planes>> {
+        self.planes.as_ref()
     }
 
     /// Whether the weights are file-backed.
@@ -239,6 +295,7 @@ impl FusedLinear {
         let padded = match self.spec.weights {
             WeightFormat::Bit => pack::blocks(self.k) * pack::BLOCK,
             WeightFormat::Int4 => int4::padded(self.k),
+            _ if self.planes.is_some() => planes::padded_len(self.k),
             _ => self.k,
         };
         QRowLayout::new(self.k, padded)
@@ -262,10 +319,15 @@ impl Op for FusedLinear {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{}×{} weights ({}), kernel {}",
+            "{}×{} weights ({}{}), kernel {}",
             self.n,
             self.k,
             if self.is_mapped() { "mapped" } else { "loaded" },
+            if self.planes.is_some() {
+                ", screened"
+            } else {
+                ""
+            },
             self.kernel
         )])
     }
@@ -308,7 +370,13 @@ impl EvalOp for FusedLinear {
                 };
                 // SAFETY: as above.
                 let out = unsafe { Tensor::uninitialized::<i8>(&[tokens, layout.stride()])? };
-                Act::Quantized(team::run(job, out).into_tvalue(), layout)
+                let q = team::run(job, out).into_tvalue();
+                if let Some(planes) = &self.planes {
+                    let scale = self.scale.as_ref().expect("scaled weights");
+                    let logits = screen::run(planes, self.kernel, scale, q, layout, tokens)?;
+                    return Ok(tvec!(logits.into_shape(&shape)?.into_tvalue()));
+                }
+                Act::Quantized(q, layout)
             }
         };
         let out_n = self.out_features();

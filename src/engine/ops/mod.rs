@@ -3,13 +3,15 @@
 //! - [`linear`]: a fused linear, `{Bit|Int8|Int4|F32}Linear[Norm][Relu2Glu|SiluGlu][Add]`: RMSNorm, per-token int8
 //!   quantization, the product on packed weights, the scales, the GLU and the residual in one op;
 //! - [`attention`]: RoPE, the paged KV cache (its own state, f16 or f32) and streaming softmax attention;
-//! - [`embedding`]: the token lookup, one row per token read from the data file (the table is never resident).
+//! - [`embedding`]: the token lookup, one row per token read from the data file (the table is never resident);
+//! - [`screen`]: the int8 output layer as a 4-bit screen over every row and exact products for the candidates.
 //!
 //! Every op runs its parallel part as a [`crate::team`] job on the forward pass's team.
 
 pub mod attention;
 pub mod embedding;
 pub mod linear;
+pub mod screen;
 
 use std::sync::Arc;
 
@@ -42,6 +44,9 @@ pub const ATTR_WEIGHT_DIMS: &str = "bitnetd_weight_dims";
 pub const ATTR_KV_FORMAT: &str = "bitnetd_kv_format";
 /// Attribute the loader puts on linear nodes: `mapped` or `loaded` (see `engine::weights`).
 pub const ATTR_RESIDENCY: &str = "bitnetd_residency";
+/// Attribute the loader puts on linear nodes: `screened` or `exact` (see [`screen`]; only a plain int8 product,
+/// the output layer, is screened).
+pub const ATTR_OUTPUT_LAYER: &str = "bitnetd_output_layer";
 
 /// How a fused linear's weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
