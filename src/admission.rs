@@ -19,6 +19,12 @@ pub struct Board {
     /// Local inference is paused because the board is too hot.
     pub local_paused: bool,
     pub memory_pressure: bool,
+    /// The battery is critical: no local work until it charges.
+    pub battery_critical: bool,
+    /// The battery is low: `auto` requests prefer the cloud (read by the router, not by admission).
+    pub prefer_cloud: bool,
+    /// The battery's charge (percent), when on battery.
+    pub battery_percent: Option<f32>,
     pub temperature_c: Option<f32>,
     /// The governor's hint for refused work.
     pub retry_after_ms: Option<u64>,
@@ -32,6 +38,12 @@ impl From<&Budget> for Board {
             admit_local: b.directive.admit_local,
             local_paused: b.directive.local_paused,
             memory_pressure: b.state.memory_pressure,
+            battery_critical: b.directive.battery_critical,
+            prefer_cloud: b.directive.prefer_cloud,
+            battery_percent: b
+                .power
+                .battery_percent
+                .filter(|_| b.power.on_battery == Some(true)),
             temperature_c: b.temperature_c,
             retry_after_ms: b.directive.retry_after_ms,
             memory_budget: b.state.memory_budget,
@@ -88,6 +100,11 @@ pub enum Refusal {
     ShortOfMemory {
         retry_after_ms: Option<u64>,
     },
+    /// The board runs on a critical battery.
+    BatteryCritical {
+        battery_percent: Option<f32>,
+        retry_after_ms: Option<u64>,
+    },
     /// `on_deadline: "refuse"` and `tokens` need `needed` at the measured speed, more than the `left`.
     DeadlineTooShort {
         tokens: usize,
@@ -108,8 +125,9 @@ pub enum Refusal {
 
 /// Decides whether `ask` may run. Rules, in order:
 /// 1. The governor: work starts when it admits local work. While the board is hot (paused) but not short of
-///    memory, `hot_action = "queue"` admits it too (the paused engine holds it until it cools); otherwise it
-///    is refused, too hot or short of memory, with the governor's retry hint.
+///    memory nor on a critical battery, `hot_action = "queue"` admits it too (the paused engine holds it until it
+///    cools); otherwise it is refused, too hot, on a critical battery or short of memory, with the governor's
+///    retry hint.
 /// 2. The deadline: with a deadline and a measured speed, `max_new_tokens` that cannot be generated in the time
 ///    left are shortened to what fits (at least one token), or refused with `on_deadline: "refuse"`.
 /// 3. Memory: the KV cache of prompt + (possibly shortened) generation must fit the memory budget (the
@@ -117,12 +135,19 @@ pub enum Refusal {
 ///    would fit on an idle board.
 pub fn admit(ask: &LocalAsk, l: &Limits) -> Result<Admitted, Refusal> {
     if let Some(b) = &l.board {
-        let held_while_hot =
-            b.local_paused && !b.memory_pressure && l.hot_action == HotAction::Queue;
+        let held_while_hot = b.local_paused
+            && !b.memory_pressure
+            && !b.battery_critical
+            && l.hot_action == HotAction::Queue;
         if !b.admit_local && !held_while_hot {
             return Err(if b.local_paused {
                 Refusal::TooHot {
                     temperature_c: b.temperature_c,
+                    retry_after_ms: b.retry_after_ms,
+                }
+            } else if b.battery_critical {
+                Refusal::BatteryCritical {
+                    battery_percent: b.battery_percent,
                     retry_after_ms: b.retry_after_ms,
                 }
             } else {

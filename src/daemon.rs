@@ -76,6 +76,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         max_threads: config.model.threads,
         warm_threads_percent: config.budget.warm_threads_percent,
         pressure_max_tokens: config.budget.pressure_max_tokens,
+        power: config.budget.power,
+        economy_max_tokens: config.budget.economy_max_tokens,
         ..Limits::default()
     };
     let budget = governor::spawn(

@@ -266,6 +266,14 @@ impl From<&admission::Refusal> for WireError {
                 let msg = format!("the board is too hot{t}: local inference is paused");
                 (wire(ErrorCode::OverBudget, msg), retry_after_ms)
             }
+            admission::Refusal::BatteryCritical {
+                battery_percent,
+                retry_after_ms,
+            } => {
+                let p = battery_percent.map_or(String::new(), |p| format!(" ({p:.0}%)"));
+                let msg = format!("the board runs on a critical battery{p}: no local work until it charges");
+                (wire(ErrorCode::OverBudget, msg), retry_after_ms)
+            }
             admission::Refusal::ShortOfMemory { retry_after_ms } => (
                 wire(
                     ErrorCode::OverBudget,

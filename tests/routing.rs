@@ -439,6 +439,37 @@ fn the_cli_defers_and_fetches_the_result() {
 }
 
 #[test]
+fn a_low_battery_sends_auto_work_to_the_cloud_and_keeps_private_work_local() {
+    let kimi = FakeKimi::start();
+    let d = Daemon::start_with(&config(&kimi, "[budget]\nsample_ms = 50\n"), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    common::set_battery(&d.board(), 12, false);
+    common::wait_for_budget(&mut c, |b| b["power_level"] == "economy");
+    let (_, done) = ask(&mut c, json!({"id": 1, "prompt": "A dog is"}));
+    assert_eq!(
+        (done["route"].as_str(), done["route_reason"].as_str()),
+        (Some("cloud"), Some("low_battery")),
+        "{done}"
+    );
+    let secret = "battery-private-0815";
+    let (_, done) = ask(
+        &mut c,
+        json!({"id": 2, "prompt": format!("A dog is {secret}"), "private": true, "max_tokens": 3}),
+    );
+    assert_eq!(
+        (done["route"].as_str(), done["route_reason"].as_str()),
+        (Some("local"), Some("private")),
+        "{done}"
+    );
+    assert_eq!(kimi.chats().len(), 1, "only the auto request went out");
+    assert!(kimi
+        .recorded()
+        .iter()
+        .all(|r| !r.body.to_string().contains(secret)));
+}
+
+#[test]
 fn a_hot_board_sends_auto_work_to_the_cloud_and_refuses_what_must_stay() {
     let kimi = FakeKimi::start();
     let d = Daemon::start_with(&config(&kimi, "[budget]\nsample_ms = 50\n"), with_key);

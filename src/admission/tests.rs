@@ -18,6 +18,9 @@ fn calm() -> Board {
         admit_local: true,
         local_paused: false,
         memory_pressure: false,
+        battery_critical: false,
+        prefer_cloud: false,
+        battery_percent: None,
         temperature_c: Some(50.0),
         retry_after_ms: None,
         memory_budget: 1024 * MIB,
@@ -125,6 +128,34 @@ fn rule_1_memory_pressure_refuses_new_local_work() {
         admit(&ask(50), &limits(Some(b))),
         Err(Refusal::ShortOfMemory {
             retry_after_ms: Some(5000)
+        })
+    );
+}
+
+#[test]
+fn rule_1_a_critical_battery_refuses_local_work_even_with_queue() {
+    let b = Board {
+        admit_local: false,
+        local_paused: true,
+        battery_critical: true,
+        battery_percent: Some(4.0),
+        retry_after_ms: Some(60_000),
+        ..calm()
+    };
+    let l = Limits {
+        hot_action: HotAction::Queue,
+        ..limits(Some(b))
+    };
+    assert!(matches!(admit(&ask(50), &l), Err(Refusal::TooHot { .. })));
+    let cool = Board {
+        local_paused: false,
+        ..b
+    };
+    assert_eq!(
+        admit(&ask(50), &limits(Some(cool))),
+        Err(Refusal::BatteryCritical {
+            battery_percent: Some(4.0),
+            retry_after_ms: Some(60_000)
         })
     );
 }

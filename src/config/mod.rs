@@ -51,6 +51,7 @@ pub struct ModelConfig {
     pub threads: usize,
     pub kv_cache: crate::engine::KvFormat,
     pub weights: crate::engine::WeightResidency,
+    pub output_layer: crate::engine::OutputLayer,
 }
 
 impl ModelConfig {
@@ -60,6 +61,7 @@ impl ModelConfig {
             threads: self.threads,
             kv_format: self.kv_cache,
             residency: self.weights,
+            output_layer: self.output_layer,
         }
     }
 }
@@ -114,6 +116,10 @@ pub struct BudgetConfig {
     pub hot_action: HotAction,
     /// At least 1.
     pub pressure_max_tokens: usize,
+    /// The battery and power limits (0 <= critical < low <= 100; a power limit above its hysteresis).
+    pub power: crate::governor::power::PowerLimits,
+    /// At least 1.
+    pub economy_max_tokens: usize,
 }
 
 /// What happens to a local request while the board is hot (local inference paused) and the cloud cannot take
@@ -207,9 +213,14 @@ impl Config {
         let dir = &self.model.path;
         let meta = ModelMeta::read(dir)
             .map_err(|e| self.invalid("model.path", format!("{}: {e}", dir.display())))?;
-        let estimate =
-            MemoryEstimate::for_model(dir, &meta, self.engine.slots, self.model.kv_cache)
-                .map_err(|e| self.invalid("model.path", format!("{}: {e}", dir.display())))?;
+        let estimate = MemoryEstimate::for_model(
+            dir,
+            &meta,
+            self.engine.slots,
+            self.model.kv_cache,
+            self.model.output_layer,
+        )
+        .map_err(|e| self.invalid("model.path", format!("{}: {e}", dir.display())))?;
         estimate
             .check(self.budget.memory_bytes)
             .map_err(|m| self.invalid("budget.memory_bytes", m))?;
@@ -352,6 +363,41 @@ fn validate(
             "must be at least 1".into(),
         ));
     }
+    let percent = |v: f32| v.is_finite() && (0.0..=100.0).contains(&v);
+    if !(percent(b.battery_low_percent) && percent(b.battery_critical_percent))
+        || b.battery_critical_percent >= b.battery_low_percent
+    {
+        return Err(invalid(
+            "budget.battery_critical_percent",
+            format!(
+                "{} and battery_low_percent {} must be percentages with critical below low",
+                b.battery_critical_percent, b.battery_low_percent
+            ),
+        ));
+    }
+    if b.economy_max_tokens == 0 {
+        return Err(invalid(
+            "budget.economy_max_tokens",
+            "must be at least 1".into(),
+        ));
+    }
+    if !(b.power_hysteresis_watts.is_finite() && b.power_hysteresis_watts >= 0.0) {
+        return Err(invalid(
+            "budget.power_hysteresis_watts",
+            "must be 0 or more".into(),
+        ));
+    }
+    if let Some(w) = b.power_watts {
+        if !(w.is_finite() && w > b.power_hysteresis_watts) {
+            return Err(invalid(
+                "budget.power_watts",
+                format!(
+                    "{w} must be a power in watts above power_hysteresis_watts ({})",
+                    b.power_hysteresis_watts
+                ),
+            ));
+        }
+    }
     let hot_action = match b.hot_action.as_str() {
         "refuse" => HotAction::Refuse,
         "queue" => HotAction::Queue,
@@ -374,6 +420,13 @@ fn validate(
         warm_threads_percent: b.warm_threads_percent,
         hot_action,
         pressure_max_tokens: b.pressure_max_tokens,
+        power: crate::governor::power::PowerLimits {
+            battery_low_percent: b.battery_low_percent,
+            battery_critical_percent: b.battery_critical_percent,
+            power_watts: b.power_watts,
+            power_hysteresis_watts: b.power_hysteresis_watts,
+        },
+        economy_max_tokens: b.economy_max_tokens,
     };
     let filter = env.get(Env::LOG).unwrap_or(raw.logging.level.clone());
     if let Err(m) = check_filter(&filter) {
@@ -414,6 +467,7 @@ fn validate(
             threads,
             kv_cache: raw.model.kv_cache,
             weights: raw.model.weights,
+            output_layer: raw.model.output_layer,
         },
         engine,
         socket,

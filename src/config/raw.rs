@@ -33,6 +33,8 @@ pub struct RawModel {
     pub kv_cache: crate::engine::KvFormat,
     /// How the products' weights are held: read into memory, or mapped from the data file.
     pub weights: crate::engine::WeightResidency,
+    /// How the int8 output layer runs: screened by its high 4 bits with exact candidates, or every row exactly.
+    pub output_layer: crate::engine::OutputLayer,
 }
 
 /// `[engine]`: slots, queue and request defaults.
@@ -125,6 +127,17 @@ pub struct RawBudget {
     pub hot_action: String,
     /// Memory pressure: running generations stop after this many tokens.
     pub pressure_max_tokens: usize,
+    /// On battery at or below this charge (percent): economy (fewer threads, the cloud preferred, shorter
+    /// generations).
+    pub battery_low_percent: f32,
+    /// On battery at or below this charge (percent): local work is refused with `over_budget`.
+    pub battery_critical_percent: f32,
+    /// Economy: generations stop after this many tokens.
+    pub economy_max_tokens: usize,
+    /// The board's draw to hold, in watts, by lowering threads; `None`: no limit.
+    pub power_watts: Option<f32>,
+    /// Watts below `power_watts` before threads come back.
+    pub power_hysteresis_watts: f32,
 }
 
 impl Default for RawBudget {
@@ -140,6 +153,11 @@ impl Default for RawBudget {
             warm_threads_percent: 50,
             hot_action: "refuse".into(),
             pressure_max_tokens: 32,
+            battery_low_percent: 20.0,
+            battery_critical_percent: 5.0,
+            economy_max_tokens: 64,
+            power_watts: None,
+            power_hysteresis_watts: 0.5,
         }
     }
 }

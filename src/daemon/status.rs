@@ -78,6 +78,8 @@ mod tests {
             temperature_c,
             rss_bytes: None,
             mem_available_bytes: None,
+            cpu_percent: None,
+            power: Default::default(),
         }
     }
 

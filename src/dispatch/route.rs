@@ -50,6 +50,7 @@ impl Dispatcher {
             },
         };
         let now = Instant::now();
+        let board = self.local.board();
         router::decide(
             &RouteRequest {
                 route: req.route,
@@ -62,7 +63,8 @@ impl Dispatcher {
             },
             &Situation {
                 cloud: cloud_state,
-                local_admits: self.local.board().is_none_or(|b| b.admit_local),
+                local_admits: board.is_none_or(|b| b.admit_local),
+                prefer_cloud: board.is_some_and(|b| b.prefer_cloud),
                 local_speed: self.ledger.local_speed(),
                 complexity_threshold: threshold,
                 fallback_to_local: fallback,

@@ -186,6 +186,15 @@ fn table() -> Vec<Row> {
             Some(30_000),
         ),
         row(
+            "battery critical",
+            WireError::from(&admission::Refusal::BatteryCritical {
+                battery_percent: Some(4.0),
+                retry_after_ms: Some(60_000),
+            }),
+            C::OverBudget,
+            Some(60_000),
+        ),
+        row(
             "short of memory",
             WireError::from(&admission::Refusal::ShortOfMemory {
                 retry_after_ms: Some(5000),

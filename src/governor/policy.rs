@@ -1,8 +1,9 @@
 //! The governor's policy: a pure state machine over telemetry readings. It decides the thermal level (with
 //! hysteresis), notices under-voltage and memory pressure, takes a cgroup limit below the configured budget as
-//! the real budget, and turns all of it into a [`Directive`] for the scheduler and the router. No I/O; every
-//! transition is unit-tested by name.
+//! the real budget, follows the battery and the power limit (`super::power`), and turns all of it into a
+//! [`Directive`] for the scheduler and the router. No I/O; every transition is unit-tested by name.
 
+use super::power::{battery_level, power_cap, PowerLevel, PowerLimits};
 use super::telemetry::Reading;
 
 /// Thresholds, from `[budget]`.
@@ -26,6 +27,10 @@ pub struct Limits {
     pub warm_threads_percent: u8,
     /// Under memory pressure, running generations stop after this many tokens (`finish_reason: "budget"`).
     pub pressure_max_tokens: usize,
+    /// The battery and the board's draw.
+    pub power: PowerLimits,
+    /// On a low battery (economy), generations stop after this many tokens.
+    pub economy_max_tokens: usize,
 }
 
 impl Default for Limits {
@@ -40,6 +45,8 @@ impl Default for Limits {
             max_threads: 4,
             warm_threads_percent: 50,
             pressure_max_tokens: 32,
+            power: PowerLimits::default(),
+            economy_max_tokens: 64,
         }
     }
 }
@@ -75,6 +82,12 @@ pub struct State {
     pub memory_budget: u64,
     /// True when a cgroup limit is below the configured budget.
     pub cgroup_limited: bool,
+    /// The battery's level (normal off battery).
+    #[serde(default)]
+    pub power_level: PowerLevel,
+    /// Threads the power limit allows (every thread without one; 0 before the first reading).
+    #[serde(default)]
+    pub power_threads: usize,
 }
 
 /// What the scheduler and router should do now.
@@ -94,6 +107,12 @@ pub struct Directive {
     pub max_new_tokens: Option<usize>,
     /// Memory pressure: release what can be rebuilt (idle KV caches, the cloud answer cache).
     pub free_caches: bool,
+    /// Low battery: `auto` requests go to the cloud when it is online.
+    #[serde(default)]
+    pub prefer_cloud: bool,
+    /// Critical battery: local work is refused (`over_budget`).
+    #[serde(default)]
+    pub battery_critical: bool,
 }
 
 /// The next state from `prev` and a new reading. Missing readings keep the previous level (a sensor that
@@ -121,6 +140,8 @@ pub fn step(prev: &State, r: &Reading, l: &Limits) -> State {
         memory_pressure,
         memory_budget,
         cgroup_limited: cgroup.is_some_and(|c| c < l.memory_bytes),
+        power_level: battery_level(prev.power_level, &r.power, &l.power),
+        power_threads: power_cap(prev.power_threads, r.power.watts, l.max_threads, &l.power),
     }
 }
 
@@ -139,237 +160,51 @@ fn thermal_level(prev: Thermal, t: f32, l: &Limits) -> Thermal {
 /// Prompt tokens per prefill step when warm or under-voltage (a quarter of the normal step).
 pub const WARM_PREFILL_CHUNK: usize = crate::engine::PREFILL_CHUNK / 4;
 
+/// Retry hint while the battery is critical: it takes minutes of charging to leave the level.
+pub const BATTERY_RETRY_MS: u64 = 60_000;
+
 /// What `state` asks of the scheduler and router.
 pub fn directive(state: &State, l: &Limits) -> Directive {
-    let constrained = state.thermal >= Thermal::Warm || state.under_voltage;
+    let economy = state.power_level >= PowerLevel::Economy;
+    let constrained = state.thermal >= Thermal::Warm || state.under_voltage || economy;
     let threads = if constrained {
         (l.max_threads * usize::from(l.warm_threads_percent.min(100)) / 100).max(1)
     } else {
         l.max_threads
     };
+    let threads = match state.power_threads {
+        0 => threads,
+        cap => threads.min(cap),
+    };
     let local_paused = state.thermal == Thermal::Hot;
-    let admit_local = !local_paused && !state.memory_pressure;
+    let battery_critical = state.power_level == PowerLevel::Critical;
+    let admit_local = !local_paused && !state.memory_pressure && !battery_critical;
+    let caps = [
+        state.memory_pressure.then_some(l.pressure_max_tokens),
+        economy.then_some(l.economy_max_tokens),
+    ];
     Directive {
         threads,
         local_paused,
         admit_local,
-        retry_after_ms: (!admit_local).then_some(if local_paused { 30_000 } else { 5_000 }),
+        retry_after_ms: (!admit_local).then_some(if local_paused {
+            30_000
+        } else if battery_critical {
+            BATTERY_RETRY_MS
+        } else {
+            5_000
+        }),
         prefill_chunk: if constrained {
             WARM_PREFILL_CHUNK
         } else {
             crate::engine::PREFILL_CHUNK
         },
-        max_new_tokens: state.memory_pressure.then_some(l.pressure_max_tokens),
+        max_new_tokens: caps.into_iter().flatten().min(),
         free_caches: state.memory_pressure,
+        prefer_cloud: economy,
+        battery_critical,
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::governor::telemetry::{CgroupMemory, Throttle};
-
-    fn at(temp: f32) -> Reading {
-        Reading {
-            temperature_c: Some(temp),
-            ..Default::default()
-        }
-    }
-
-    fn run(temps: &[f32]) -> Vec<Thermal> {
-        let l = Limits::default();
-        let mut s = State::default();
-        temps
-            .iter()
-            .map(|&t| {
-                s = step(&s, &at(t), &l);
-                s.thermal
-            })
-            .collect()
-    }
-
-    #[test]
-    fn normal_to_warm_to_hot_and_back_to_normal_with_hysteresis() {
-        use Thermal::*;
-        assert_eq!(
-            run(&[60.0, 75.0, 82.0, 78.0, 76.9, 74.0, 70.1, 69.9]),
-            [Normal, Warm, Hot, Hot, Warm, Warm, Warm, Normal]
-        );
-    }
-
-    #[test]
-    fn warm_does_not_flap_around_the_soft_limit() {
-        use Thermal::*;
-        assert_eq!(
-            run(&[75.1, 74.9, 75.1, 74.0, 71.0]),
-            [Warm, Warm, Warm, Warm, Warm]
-        );
-    }
-
-    #[test]
-    fn straight_to_hot_from_normal() {
-        assert_eq!(run(&[50.0, 90.0]), [Thermal::Normal, Thermal::Hot]);
-    }
-
-    #[test]
-    fn a_missing_temperature_keeps_the_level() {
-        let l = Limits::default();
-        let hot = step(&State::default(), &at(85.0), &l);
-        assert_eq!(step(&hot, &Reading::default(), &l).thermal, Thermal::Hot);
-    }
-
-    #[test]
-    fn warm_halves_the_threads_and_hot_pauses_local_inference() {
-        let l = Limits::default();
-        let d = |t| directive(&step(&State::default(), &at(t), &l), &l);
-        assert_eq!(
-            d(60.0),
-            Directive {
-                threads: 4,
-                local_paused: false,
-                admit_local: true,
-                retry_after_ms: None,
-                prefill_chunk: crate::engine::PREFILL_CHUNK,
-                max_new_tokens: None,
-                free_caches: false,
-            }
-        );
-        assert_eq!(d(76.0).threads, 2);
-        assert_eq!(
-            d(76.0).prefill_chunk,
-            WARM_PREFILL_CHUNK,
-            "smaller batches when warm"
-        );
-        assert!(d(76.0).admit_local);
-        let hot = d(83.0);
-        assert!(hot.local_paused && !hot.admit_local);
-        assert_eq!(hot.retry_after_ms, Some(30_000));
-    }
-
-    #[test]
-    fn under_voltage_means_fewer_threads() {
-        let l = Limits::default();
-        let r = Reading {
-            temperature_c: Some(50.0),
-            throttle: Some(Throttle(1)),
-            ..Default::default()
-        };
-        let s = step(&State::default(), &r, &l);
-        assert!(s.under_voltage);
-        assert_eq!(directive(&s, &l).threads, 2);
-        let only_occurred = Reading {
-            throttle: Some(Throttle(1 << 16)),
-            ..Default::default()
-        };
-        assert!(
-            !step(&s, &only_occurred, &l).under_voltage,
-            "past under-voltage is not now"
-        );
-        let alarm = Reading {
-            under_voltage_alarm: Some(true),
-            ..Default::default()
-        };
-        assert!(step(&State::default(), &alarm, &l).under_voltage);
-    }
-
-    #[test]
-    fn memory_pressure_stops_new_local_work() {
-        let l = Limits::default();
-        for r in [
-            Reading {
-                memory_pressure_some_avg10: Some(15.0),
-                ..Default::default()
-            },
-            Reading {
-                mem_available_bytes: Some(64 << 20),
-                ..Default::default()
-            },
-            Reading {
-                cgroup: CgroupMemory {
-                    max: Some(1 << 30),
-                    high: None,
-                    current: Some(950 << 20),
-                },
-                ..Default::default()
-            },
-        ] {
-            let s = step(&State::default(), &r, &l);
-            assert!(s.memory_pressure, "{r:?}");
-            let d = directive(&s, &l);
-            assert!(!d.admit_local && !d.local_paused);
-            assert_eq!(d.retry_after_ms, Some(5_000));
-        }
-        let calm = Reading {
-            memory_pressure_some_avg10: Some(0.5),
-            mem_available_bytes: Some(2 << 30),
-            ..Default::default()
-        };
-        assert!(!step(&State::default(), &calm, &l).memory_pressure);
-    }
-
-    #[test]
-    fn a_cgroup_limit_below_the_budget_becomes_the_budget() {
-        let l = Limits::default();
-        let r = Reading {
-            cgroup: CgroupMemory {
-                max: Some(3 << 30),
-                high: Some(2 << 30),
-                current: Some(0),
-            },
-            ..Default::default()
-        };
-        let s = step(&State::default(), &r, &l);
-        assert_eq!(s.memory_budget, 2 << 30);
-        assert!(s.cgroup_limited);
-        let roomy = Reading {
-            cgroup: CgroupMemory {
-                max: Some(8 << 30),
-                high: None,
-                current: Some(0),
-            },
-            ..Default::default()
-        };
-        let s = step(&State::default(), &roomy, &l);
-        assert_eq!(s.memory_budget, 4 << 30);
-        assert!(!s.cgroup_limited);
-    }
-
-    #[test]
-    fn memory_pressure_shortens_running_generations_and_frees_caches() {
-        let l = Limits::default();
-        let calm = directive(&State::default(), &l);
-        assert_eq!((calm.max_new_tokens, calm.free_caches), (None, false));
-        let pressed = State {
-            memory_pressure: true,
-            ..State::default()
-        };
-        let d = directive(&pressed, &l);
-        assert_eq!((d.max_new_tokens, d.free_caches), (Some(32), true));
-    }
-
-    #[test]
-    fn the_warm_thread_share_is_configurable_and_never_zero() {
-        let warm = State {
-            thermal: Thermal::Warm,
-            ..State::default()
-        };
-        let l = Limits {
-            max_threads: 4,
-            warm_threads_percent: 25,
-            ..Limits::default()
-        };
-        assert_eq!(directive(&warm, &l).threads, 1);
-        let l = Limits {
-            max_threads: 4,
-            warm_threads_percent: 0,
-            ..Limits::default()
-        };
-        assert_eq!(directive(&warm, &l).threads, 1);
-        let l = Limits {
-            max_threads: 8,
-            warm_threads_percent: 75,
-            ..Limits::default()
-        };
-        assert_eq!(directive(&warm, &l).threads, 6);
-    }
-}
+mod tests;

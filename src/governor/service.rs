@@ -9,6 +9,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{directive, step, Directive, Limits, State};
+use super::power::PowerLevel;
+use super::supply::PowerReading;
 use super::telemetry::{Reading, Telemetry};
 
 /// The governor's view, as `status` shows it.
@@ -20,6 +22,12 @@ pub struct Budget {
     pub temperature_c: Option<f32>,
     pub rss_bytes: Option<u64>,
     pub mem_available_bytes: Option<u64>,
+    /// Busy share of all CPUs (live system only).
+    #[serde(default)]
+    pub cpu_percent: Option<f32>,
+    /// The supplies, the board's draw and every power, current and voltage sensor.
+    #[serde(default)]
+    pub power: PowerReading,
 }
 
 impl Budget {
@@ -30,6 +38,8 @@ impl Budget {
             temperature_c: reading.temperature_c,
             rss_bytes: reading.rss_bytes,
             mem_available_bytes: reading.mem_available_bytes,
+            cpu_percent: reading.cpu_percent,
+            power: reading.power.clone(),
         }
     }
 
@@ -38,14 +48,29 @@ impl Budget {
         let temp = self
             .temperature_c
             .map_or("no sensor".into(), |t| format!("{t:.1} °C"));
+        let mut power = String::new();
+        if self.power.on_battery == Some(true) {
+            power += &match self.power.battery_percent {
+                Some(p) => format!(", on battery {p:.0}%"),
+                None => ", on battery".into(),
+            };
+        }
+        if self.state.power_level != PowerLevel::Normal {
+            power += &format!(" ({:?})", self.state.power_level).to_lowercase();
+        }
+        if let Some(w) = self.power.watts {
+            power += &format!(", {w:.1} W");
+        }
         format!(
-            "thermal {:?} ({temp}), under-voltage {}, memory pressure {}, threads {}{}",
+            "thermal {:?} ({temp}), under-voltage {}, memory pressure {}{power}, threads {}{}",
             self.state.thermal,
             self.state.under_voltage,
             self.state.memory_pressure,
             self.directive.threads,
             if self.directive.local_paused {
                 ", local inference paused"
+            } else if self.directive.battery_critical {
+                ", local inference refused (battery critical)"
             } else {
                 ""
             }
@@ -79,11 +104,14 @@ pub fn spawn(
             let changed = next.state.thermal != prev.thermal
                 || next.state.under_voltage != prev.under_voltage
                 || next.state.memory_pressure != prev.memory_pressure
-                || next.state.memory_budget != prev.memory_budget;
+                || next.state.memory_budget != prev.memory_budget
+                || next.state.power_level != prev.power_level
+                || next.state.power_threads != prev.power_threads;
             if changed {
                 log::warn!(
                     thermal:? = next.state.thermal, under_voltage = next.state.under_voltage,
-                    memory_pressure = next.state.memory_pressure, threads = next.directive.threads;
+                    memory_pressure = next.state.memory_pressure, power:? = next.state.power_level,
+                    watts:? = next.power.watts, threads = next.directive.threads;
                     "governor: {}", next.summary()
                 );
             }

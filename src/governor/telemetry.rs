@@ -1,9 +1,15 @@
 //! Reading the board's health without root tools: temperatures, CPU frequency, the Raspberry Pi firmware's
-//! throttle flags and under-voltage alarm, memory (process, cgroup v2, system, pressure). Every path is under a
-//! configurable root, so tests use fake trees; a file that is missing (a non-Pi board, no PSI, no cgroup v2)
-//! gives `None`, never an error.
+//! throttle flags and under-voltage alarm, memory (process, cgroup v2, system, pressure), power (`super::supply`).
+//! Every path is under a configurable root, so tests use fake trees; a file that is missing (a non-Pi board, no
+//! PSI, no cgroup v2) gives `None`, never an error. With the root at `/`, the system-wide figures that `sysinfo`
+//! covers (memory, CPU load, component temperatures where there are no thermal zones) come from it
+//! (`super::system`).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::supply::{self, PowerReading};
+use super::system::LiveSystem;
 
 /// Raspberry Pi firmware throttle flags (`get_throttled`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,10 +63,15 @@ pub struct Reading {
     /// hwmon `rpi_volt` `in0_lcrit_alarm`.
     pub under_voltage_alarm: Option<bool>,
     pub rss_bytes: Option<u64>,
+    pub mem_total_bytes: Option<u64>,
     pub mem_available_bytes: Option<u64>,
+    /// Busy share of all CPUs since the previous reading (live system only).
+    pub cpu_percent: Option<f32>,
     /// `/proc/pressure/memory`, `some avg10` (percent of time stalled).
     pub memory_pressure_some_avg10: Option<f32>,
     pub cgroup: CgroupMemory,
+    /// The supplies and power sensors.
+    pub power: PowerReading,
 }
 
 impl Reading {
@@ -75,11 +86,15 @@ impl Reading {
 #[derive(Debug, Clone)]
 pub struct Telemetry {
     root: PathBuf,
+    /// sysinfo's view, with the root at `/` (created at the first full reading).
+    live: Option<Arc<Mutex<Option<LiveSystem>>>>,
 }
 
 impl Telemetry {
     pub fn new(root: impl Into<PathBuf>) -> Telemetry {
-        Telemetry { root: root.into() }
+        let root = root.into();
+        let live = (root == Path::new("/")).then(Default::default);
+        Telemetry { root, live }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -93,15 +108,30 @@ impl Telemetry {
 
     /// Reads everything once.
     pub fn read_all(&self) -> Reading {
+        let zones = self.temperature_c();
+        let live = self.live.as_ref().and_then(|l| {
+            let mut l = l.lock().unwrap_or_else(|e| e.into_inner());
+            if l.is_none() {
+                *l = LiveSystem::new();
+            }
+            l.as_mut().map(|s| s.sample(zones.is_none()))
+        });
+        let (mem_total_bytes, mem_available_bytes) = match live {
+            Some(f) if f.mem_total_bytes.is_some() => (f.mem_total_bytes, f.mem_available_bytes),
+            _ => (self.mem_total_bytes(), self.mem_available_bytes()),
+        };
         Reading {
-            temperature_c: self.temperature_c(),
+            temperature_c: zones.or(live.and_then(|f| f.hottest_component_c)),
             cpu_freq_ratio: self.cpu_freq_ratio(),
             throttle: self.throttle(),
             under_voltage_alarm: self.under_voltage_alarm(),
             rss_bytes: self.rss_bytes(),
-            mem_available_bytes: self.mem_available_bytes(),
+            mem_total_bytes,
+            mem_available_bytes,
+            cpu_percent: live.and_then(|f| f.cpu_percent),
             memory_pressure_some_avg10: self.memory_pressure(),
             cgroup: self.cgroup(),
+            power: supply::read(&self.root),
         }
     }
 
@@ -167,6 +197,10 @@ impl Telemetry {
 
     pub fn mem_available_bytes(&self) -> Option<u64> {
         kib_field(&self.read("proc/meminfo")?, "MemAvailable:")
+    }
+
+    pub fn mem_total_bytes(&self) -> Option<u64> {
+        kib_field(&self.read("proc/meminfo")?, "MemTotal:")
     }
 
     pub fn memory_pressure(&self) -> Option<f32> {
@@ -280,6 +314,8 @@ mod tests {
         assert!(r.under_voltage());
         assert_eq!(r.rss_bytes, Some(80 << 20));
         assert_eq!(r.mem_available_bytes, Some(1 << 30));
+        assert_eq!(r.mem_total_bytes, Some(3_884_128 * 1024));
+        assert_eq!(r.cpu_percent, None, "a fake root has no live CPU load");
         assert_eq!(r.memory_pressure_some_avg10, Some(12.5));
         assert_eq!(r.cgroup.limit(), Some(4 << 30));
         assert_eq!(r.cgroup.current, Some(100 << 20));

@@ -68,6 +68,8 @@ pub struct Situation {
     pub cloud: CloudState,
     /// The governor lets new local work in (not too hot, not short of memory).
     pub local_admits: bool,
+    /// The board saves its battery: `auto` requests go to the cloud when it is online.
+    pub prefer_cloud: bool,
     /// `None` before the first local request was measured.
     pub local_speed: Option<LocalSpeed>,
     pub complexity_threshold: f32,
@@ -88,6 +90,8 @@ pub enum Reason {
     Deadline,
     /// The governor does not admit local work now.
     BoardBusy,
+    /// The board runs on a low battery and saves it.
+    LowBattery,
     /// The complexity score reached the threshold.
     Complex,
     /// Nothing called for the cloud.
@@ -104,6 +108,7 @@ impl Reason {
             Reason::TooLong => "too_long_for_local",
             Reason::Deadline => "deadline",
             Reason::BoardBusy => "board_busy",
+            Reason::LowBattery => "low_battery",
             Reason::Complex => "complex",
             Reason::Simple => "simple",
             Reason::CloudOffline => "cloud_offline",
@@ -146,7 +151,7 @@ pub enum Decision {
 /// 2. `route: cloud`: the cloud when online; else deferred if `defer` and a cloud is configured; else
 ///    `cloud_unavailable`. No local fallback: the client asked for the cloud.
 /// 3. `route: auto`, with the cloud online: the cloud when the prompt does not fit locally, when the board
-///    does not admit local work, when the deadline is shorter than the local estimate, or when the complexity
+///    does not admit local work, when it saves a low battery, when the deadline is shorter than the local estimate, or when the complexity
 ///    reaches the threshold; else local. With the cloud offline, a request that would have gone there is
 ///    deferred if `defer`, and otherwise runs locally (a too-long prompt is refused `too_long`).
 pub fn decide(req: &RouteRequest, s: &Situation) -> Decision {
@@ -188,6 +193,8 @@ fn auto(req: &RouteRequest, s: &Situation) -> Decision {
         };
     } else if !s.local_admits {
         Some(Reason::BoardBusy)
+    } else if s.prefer_cloud {
+        Some(Reason::LowBattery)
     } else if req.deadline.is_some_and(|d| {
         s.local_speed
             .is_some_and(|sp| sp.estimate(req.max_tokens) > d)

@@ -26,6 +26,7 @@ fn at(cloud: CloudState) -> Situation {
     Situation {
         cloud,
         local_admits: true,
+        prefer_cloud: false,
         local_speed: Some(LocalSpeed {
             ttft: Duration::from_millis(100),
             tokens_per_s: 10.0,
@@ -247,6 +248,27 @@ fn auto_goes_to_the_cloud_when_the_board_is_busy() {
     let mut s = at(CloudState::Online);
     s.local_admits = false;
     assert_eq!(decide(&req(Route::Auto), &s), cloud(Reason::BoardBusy));
+    s.cloud = CloudState::Offline;
+    assert_eq!(
+        decide(&req(Route::Auto), &s),
+        Decision::Local(Reason::CloudOffline)
+    );
+}
+
+#[test]
+fn auto_goes_to_the_cloud_on_a_low_battery_and_stays_local_when_offline() {
+    let mut s = at(CloudState::Online);
+    s.prefer_cloud = true;
+    assert_eq!(decide(&req(Route::Auto), &s), cloud(Reason::LowBattery));
+    let private = RouteRequest {
+        private: true,
+        ..req(Route::Auto)
+    };
+    assert_eq!(decide(&private, &s), Decision::Local(Reason::Private));
+    assert_eq!(
+        decide(&req(Route::Local), &s),
+        Decision::Local(Reason::Requested)
+    );
     s.cloud = CloudState::Offline;
     assert_eq!(
         decide(&req(Route::Auto), &s),

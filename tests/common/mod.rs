@@ -296,6 +296,35 @@ impl Client {
     }
 }
 
+/// Writes `contents` to `rel` under the fake board, atomically (the governor may read it at any moment).
+pub fn put_file(board: &Path, rel: &str, contents: &str) {
+    let path = board.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+/// A UPS HAT on the fake board: mains offline and the battery discharging at `percent`, or mains back and the
+/// battery charging.
+pub fn set_battery(board: &Path, percent: u32, mains: bool) {
+    let supply = "sys/class/power_supply";
+    put_file(board, &format!("{supply}/ups/type"), "Battery\n");
+    let status = if mains { "Charging\n" } else { "Discharging\n" };
+    put_file(board, &format!("{supply}/ups/status"), status);
+    put_file(
+        board,
+        &format!("{supply}/ups/capacity"),
+        &format!("{percent}\n"),
+    );
+    put_file(board, &format!("{supply}/ac/type"), "Mains\n");
+    put_file(
+        board,
+        &format!("{supply}/ac/online"),
+        if mains { "1\n" } else { "0\n" },
+    );
+}
+
 /// Writes the fake board's temperature (°C).
 pub fn set_temperature(board: &std::path::Path, celsius: f32) {
     let zone = board.join("sys/class/thermal/thermal_zone0");
