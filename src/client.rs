@@ -62,7 +62,7 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
 /// How a request ended, as the clients report it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
-    Done(Done),
+    Done(Box<Done>),
     /// Stored for the cloud; `bitnetd result <id>` fetches it later.
     Deferred {
         id: Id,
@@ -73,7 +73,7 @@ pub enum Answer {
 impl From<Answer> for Reply {
     fn from(a: Answer) -> Reply {
         match a {
-            Answer::Done(d) => Reply::Done(d),
+            Answer::Done(d) => Reply::Done(*d),
             Answer::Deferred { id, position } => Reply::Deferred { id, position },
         }
     }
@@ -107,6 +107,11 @@ fn request(ask: &Ask, id: &str) -> Request {
         deadline_ms: ask.deadline_ms,
         defer: ask.defer,
         on_deadline: OnDeadline::default(),
+        context: None,
+        task: None,
+        hypothesis: None,
+        evidence: None,
+        thinking: None,
     }
 }
 
@@ -129,6 +134,8 @@ pub fn ask(socket: &Path, ask: &Ask, out: &mut dyn Write) -> Result<Answer, Clie
                 out.write_all(text.as_bytes())?;
                 out.flush()?;
             }
+            // A thinking model's reasoning is not part of the answer.
+            Reply::Reasoning { .. } => {}
             r => return answer(r),
         }
     }
@@ -155,7 +162,9 @@ pub fn status(socket: &Path) -> Result<Status, ClientError> {
 fn reply_id(r: &Reply) -> Option<&Id> {
     match r {
         Reply::Done(d) => Some(&d.id),
-        Reply::Deferred { id, .. } | Reply::Token { id, .. } => Some(id),
+        Reply::Deferred { id, .. } | Reply::Token { id, .. } | Reply::Reasoning { id, .. } => {
+            Some(id)
+        }
         Reply::Error(e) => e.id.as_ref(),
         Reply::Status(s) => s.id.as_ref(),
     }
@@ -163,7 +172,7 @@ fn reply_id(r: &Reply) -> Option<&Id> {
 
 fn answer(r: Reply) -> Result<Answer, ClientError> {
     match r {
-        Reply::Done(d) => Ok(Answer::Done(d)),
+        Reply::Done(d) => Ok(Answer::Done(Box::new(d))),
         Reply::Deferred { id, position } => Ok(Answer::Deferred { id, position }),
         Reply::Error(e) => Err(e.into()),
         r => Err(unexpected(&r)),

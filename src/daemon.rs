@@ -200,10 +200,7 @@ fn start_cloud(
         log::info!("cloud disabled in the configuration: every request runs on the board");
         return Ok(None);
     }
-    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
-    let found = key::find(creds.as_deref(), c.api_key_file.as_deref(), &|v| {
-        std::env::var(v).ok()
-    })?;
+    let found = crate::cloud::check::find_key(c)?;
     let Some((api_key, source)) = found else {
         log::info!(
             "no Kimi API key found: the cloud route is off (see [cloud] in the configuration)"

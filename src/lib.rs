@@ -19,6 +19,8 @@
 //! - [`handler`]: what every source shares: control messages, per-client limits, submit, in-flight tracking.
 //! - [`dispatch`]: from a request to a run: routing facts, admission, local or cloud start, fallback,
 //!   deferral, the completion guard, `status`.
+//! - [`tasks`]: the integration plan's request types as prompts (`context`, `reason`, `validate`) and the
+//!   reading of a validation's result.
 //! - [`router`]: where a request runs, as a pure function (and the complexity heuristic it uses).
 //! - [`admission`]: whether a local run may start now (governor, deadline, KV budget), as a pure function.
 //! - [`cloud`]: the Kimi client, its limits, and the connectivity monitor.
@@ -37,7 +39,7 @@
 //! ```text
 //! server::connection, mqtt::service     transport and addressing only
 //!   -> handler::Handler                  parse result, control messages, per-client limit, in-flight set
-//!   -> dispatch::Dispatcher::submit      validation (Backend::prepare), routing facts
+//!   -> dispatch::Dispatcher::submit      tasks::shape, validation (Backend::prepare), routing facts
 //!   -> router::decide                    local, cloud (with fallback), defer, or refuse
 //!   -> admission::admit                  for local runs: governor, deadline fit, KV reservation
 //!   -> engine (Backend) | cloud::KimiClient | deferred::DeferredQueue
@@ -71,4 +73,5 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod systemd;
+pub mod tasks;
 pub mod team;

@@ -220,6 +220,20 @@ fn dispatch(cli: Cli) -> Result<()> {
                 config.budget.memory_bytes >> 20,
                 config.socket.path.display()
             );
+            use bitnetd::cloud::check::CloudCheck;
+            match bitnetd::cloud::check::check(&config.cloud)? {
+                CloudCheck::Off(why) => println!("cloud: off ({why})"),
+                CloudCheck::Unreachable(why) => {
+                    println!("cloud: not reachable now, the model is checked once it is: {why}")
+                }
+                CloudCheck::Chosen(id) => {
+                    println!(
+                        "cloud: model {id} (from [cloud] model = {:?})",
+                        config.cloud.model
+                    )
+                }
+                CloudCheck::Problem(why) => anyhow::bail!("{why}"),
+            }
             Ok(())
         }
         Command::Export {
@@ -323,7 +337,7 @@ fn ask(a: AskArgs, env: &Env) -> Result<()> {
     };
     let mut stdout = std::io::stdout();
     let done = match bitnetd::client::ask(&socket, &req, &mut stdout)? {
-        Answer::Done(d) => d,
+        Answer::Done(d) => *d,
         Answer::Deferred { id, .. } => {
             eprintln!(
                 "[deferred until the cloud is reachable; fetch it with `bitnetd result {}`]",

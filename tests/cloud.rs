@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitnetd::cloud::{Cause, CloudRequest, Connectivity, KimiClient};
+use bitnetd::cloud::{Cause, CloudRequest, Connectivity, KimiClient, Piece};
 use bitnetd::config::CloudConfig;
 use bitnetd::engine::Message;
 use bitnetd::router::CloudState;
@@ -36,6 +36,8 @@ fn cfg(kimi: &FakeKimi) -> CloudConfig {
         cache_entries: 8,
         probe_every: Duration::from_secs(60),
         probe_timeout: Duration::from_secs(1),
+        min_answer_tokens: 256,
+        reasoning_budget_tokens: 4096,
     }
 }
 
@@ -71,6 +73,8 @@ fn ask(text: &str) -> CloudRequest {
         temperature: Some(0.3),
         top_p: None,
         stop: vec![],
+        thinking: None,
+        json: false,
         deadline: None,
         retry: true,
     }
@@ -84,14 +88,23 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Runs one request; returns the pieces of text relayed and the outcome.
-fn run(
-    c: &KimiClient,
-    req: &CloudRequest,
-) -> (
-    Vec<String>,
-    Result<bitnetd::cloud::CloudAnswer, bitnetd::cloud::CloudFailure>,
-) {
+type Outcome = Result<bitnetd::cloud::CloudAnswer, bitnetd::cloud::CloudFailure>;
+
+/// Runs one request; returns the pieces of answer text relayed and the outcome.
+fn run(c: &KimiClient, req: &CloudRequest) -> (Vec<String>, Outcome) {
+    let (pieces, r) = run_pieces(c, req);
+    let texts = pieces
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Text(t) => Some(t),
+            Piece::Reasoning(_) => None,
+        })
+        .collect();
+    (texts, r)
+}
+
+/// Runs one request; returns every piece relayed (text and reasoning) and the outcome.
+fn run_pieces(c: &KimiClient, req: &CloudRequest) -> (Vec<Piece>, Outcome) {
     rt().block_on(async {
         let (tx, mut rx) = unbounded_channel();
         let r = c.chat(req, &tx).await;
@@ -365,8 +378,18 @@ fn deterministic_answers_are_cached() {
     assert_eq!(kimi.chats().len(), 2, "temperature > 0 is never cached");
 }
 
+/// Polls `link`'s status (the probe loop's observable output) until `f` holds.
+async fn status_until(
+    link: &Connectivity,
+    f: impl Fn(&bitnetd::protocol::status::LinkStatus) -> bool,
+) {
+    while !f(&link.status()) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[test]
-fn probes_report_reachability_and_check_the_model() {
+fn probes_report_reachability_and_keep_the_cloud_off_while_the_model_is_not_offered() {
     let kimi = FakeKimi::start();
     kimi.set_models(&["kimi-other"]);
     let (cl, link) = client_with(&cfg(&kimi), "sk-test");
@@ -382,13 +405,22 @@ fn probes_report_reachability_and_check_the_model() {
             stop.clone(),
         );
         let watch = async {
+            status_until(&link, |s| s.model_listed == Some(false)).await;
+            let s = link.status();
+            assert_eq!(link.state(), CloudState::Offline, "reachable, but no model");
+            assert!(
+                s.model_problem
+                    .as_deref()
+                    .unwrap()
+                    .contains("\"kimi-test\" is not offered")
+                    && s.reason.contains("kimi-other"),
+                "{s:?}"
+            );
+            kimi.set_models(&["kimi-other", "kimi-test"]);
             let mut rx = link.subscribe();
             rx.wait_for(|s| *s == CloudState::Online).await.unwrap();
-            assert_eq!(
-                link.status().model_listed,
-                Some(false),
-                "the model is not listed"
-            );
+            assert_eq!(link.status().model_listed, Some(true));
+            assert_eq!(link.status().model_problem, None);
             kimi.set_online(false);
             rx.wait_for(|s| *s == CloudState::Offline).await.unwrap();
             kimi.set_online(true);
@@ -399,6 +431,128 @@ fn probes_report_reachability_and_check_the_model() {
             tokio::join!(probe, watch)
         })
         .await
-        .expect("online, offline and online again");
+        .expect("offline without a model, then online, offline and online again");
     });
+}
+
+#[test]
+fn auto_takes_the_newest_k2_model_listed_and_follows_the_list() {
+    let kimi = FakeKimi::start();
+    let mut c = cfg(&kimi);
+    c.model = "auto".into();
+    let (cl, link) = client_with(&c, "sk-test");
+    let rt = rt();
+    let stop = tokio_util::sync::CancellationToken::new();
+    rt.block_on(async {
+        let probe = link.run_probes(
+            &cl,
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+            stop.clone(),
+        );
+        let watch = async {
+            link.subscribe()
+                .wait_for(|s| *s == CloudState::Online)
+                .await
+                .unwrap();
+            assert_eq!(
+                cl.model(),
+                "kimi-k2.6",
+                "the newest of kimi-k2.6 and kimi-k2.5"
+            );
+            kimi.set_models(&["kimi-k2.5", "moonshot-v1-8k"]);
+            while cl.model() != "kimi-k2.5" {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            stop.cancel();
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(probe, watch)
+        })
+        .await
+        .expect("kimi-k2.6, then kimi-k2.5");
+    });
+    // K2.5 takes no temperature of its own: it is left out, and the request succeeds.
+    let (_, r) = run(&cl, &ask("hi"));
+    assert_eq!(r.unwrap().model, "kimi-k2.5");
+    let body = &kimi.chats()[0].body;
+    assert_eq!(body["model"], "kimi-k2.5");
+    assert!(
+        body.get("temperature").is_none() && body.get("top_p").is_none(),
+        "{body}"
+    );
+}
+
+#[test]
+fn reasoning_streams_apart_from_the_answer_and_is_counted_apart() {
+    let kimi = FakeKimi::start();
+    kimi.script([Behavior::think("The user greets. ", "Hello there")]);
+    let mut c = cfg(&kimi);
+    c.model = "kimi-k2.6".into();
+    let (cl, _) = client_with(&c, "sk-test");
+    let (pieces, r) = run_pieces(&cl, &ask("hi"));
+    let a = r.unwrap();
+    let first_text = pieces
+        .iter()
+        .position(|p| matches!(p, Piece::Text(_)))
+        .unwrap();
+    assert!(pieces[..first_text]
+        .iter()
+        .all(|p| matches!(p, Piece::Reasoning(_))));
+    assert_eq!(
+        (a.text.as_str(), a.reasoning.as_str()),
+        ("Hello there", "The user greets. ")
+    );
+    let u = a.usage.unwrap();
+    assert_eq!((u.completion_tokens, u.reasoning_tokens), (5, Some(3)));
+    let body = &kimi.chats()[0].body;
+    assert_eq!(
+        body["max_tokens"],
+        256 + 4096,
+        "max(16, min_answer_tokens) + reasoning_budget_tokens"
+    );
+    assert!(body.get("thinking").is_none(), "the model's default: on");
+}
+
+#[test]
+fn thinking_off_is_asked_of_models_that_can_turn_it_off() {
+    let kimi = FakeKimi::start();
+    let mut c = cfg(&kimi);
+    c.model = "kimi-k2.6".into();
+    let (cl, _) = client_with(&c, "sk-test");
+    let mut req = ask("hi");
+    req.thinking = Some(false);
+    run(&cl, &req).1.unwrap();
+    let body = &kimi.chats()[0].body;
+    assert_eq!(body["thinking"], serde_json::json!({"type": "disabled"}));
+    assert_eq!(body["max_tokens"], 16, "no reasoning to make room for");
+    // A model without the switch is not sent it.
+    run(&client(&kimi), &req).1.unwrap();
+    assert!(kimi.chats()[1].body.get("thinking").is_none());
+}
+
+#[test]
+fn a_validation_asks_for_json_and_an_unreadable_answer_is_a_protocol_error() {
+    let kimi = FakeKimi::start();
+    kimi.script([
+        Behavior::answer(
+            r#"{"evidence_assessment": "strong", "confidence": 0.82, "recommendations": []}"#,
+        ),
+        Behavior::answer("I am fairly sure it holds."),
+    ]);
+    let cl = client(&kimi);
+    let mut req = ask("validate");
+    req.json = true;
+    let timing = bitnetd::protocol::Timing::measured(Duration::ZERO, Duration::ZERO, 0);
+    let a = run(&cl, &req).1.unwrap();
+    let done = a.into_done(1.into(), "expert", timing, true).unwrap();
+    assert_eq!(done.result.unwrap()["confidence"], 0.82);
+    assert_eq!(
+        kimi.chats()[0].body["response_format"],
+        serde_json::json!({"type": "json_object"})
+    );
+    let a = run(&cl, &req).1.unwrap();
+    let e = a.into_done(2.into(), "expert", timing, true).unwrap_err();
+    assert_eq!(e.cause, Cause::Protocol);
+    assert!(e.message.contains("no JSON object"), "{}", e.message);
 }

@@ -45,7 +45,8 @@ fn ask(c: &mut Client, req: Value) -> (Vec<String>, Value) {
     c.finish(&id)
 }
 
-const COMPLEX: &str = "Analyze the pump log and validate the hypothesis that the bearing fails";
+/// Two reasoning keywords and a step-by-step ask: complex (0.75), not expert.
+const COMPLEX: &str = "Analyze the pump log and compare the bearing wear step by step";
 
 #[test]
 fn auto_routes_simple_work_locally_and_complex_work_to_the_cloud() {
@@ -503,4 +504,197 @@ fn a_hot_board_sends_auto_work_to_the_cloud_and_refuses_what_must_stay() {
         s["latency"]["cloud"]["ttft_ms"].as_f64().is_some(),
         "cloud latency is measured: {s}"
     );
+}
+
+/// The plan's validation: expert work, sent to the cloud with the plan's system prompt in JSON mode, and
+/// answered with the text and the parsed result; an answer that does not parse is a `cloud_error` (`protocol`).
+#[test]
+fn a_validation_is_expert_work_answered_with_its_parsed_result() {
+    let kimi = FakeKimi::start();
+    let verdict = r#"{"evidence_assessment": "consistent", "logical_consistency": "sound", "alternative_explanations": ["sensor drift"], "confidence": 0.82, "recommendations": ["inspect"]}"#;
+    kimi.script([
+        Behavior::answer(verdict),
+        Behavior::answer("Probably true."),
+    ]);
+    let d = Daemon::start_with(&config(&kimi, ""), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    let validate = |id: &str| {
+        json!({"id": id, "task": "validate", "hypothesis": "The bearing fails",
+            "evidence": ["vibration rose 40%", "temperature up 12 C"], "context": "pump P-7 log", "stream": false})
+    };
+    let (_, done) = ask(&mut c, validate("v1"));
+    assert_eq!(
+        (done["route"].as_str(), done["route_reason"].as_str()),
+        (Some("cloud"), Some("expert")),
+        "{done}"
+    );
+    assert_eq!(done["result"]["confidence"], 0.82, "{done}");
+    assert_eq!(done["text"], verdict);
+    let body = &kimi.chats()[0].body;
+    assert_eq!(body["response_format"]["type"], "json_object");
+    assert_eq!(
+        body["messages"][0]["content"],
+        bitnetd::tasks::SYSTEM_PROMPT
+    );
+    let user = body["messages"][1]["content"].as_str().unwrap();
+    assert!(
+        user.contains("Hypothesis: The bearing fails")
+            && user.contains("2. temperature up 12 C")
+            && user.contains("Context: pump P-7 log"),
+        "{user}"
+    );
+    assert_eq!(
+        body["temperature"], 0.3,
+        "the plan's temperature, where the model takes one"
+    );
+    let (_, r) = ask(&mut c, validate("v2"));
+    assert_eq!(
+        (r["code"].as_str(), r["cause"].as_str()),
+        (Some("cloud_error"), Some("protocol")),
+        "{r}"
+    );
+}
+
+/// Privacy holds for the plan's request types: a private validation, reasoning task or long context never
+/// reaches the network, and runs on the board saying why.
+#[test]
+fn private_tasks_and_their_context_never_leave_the_board() {
+    let kimi = FakeKimi::start();
+    let d = Daemon::start_with(
+        &config(&kimi, "[router]\nlong_context_chars = 100\n"),
+        with_key,
+    );
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    let secret = "private-context-2718";
+    let context = format!("{secret} {}", "log line ".repeat(20));
+    for (i, req) in [
+        json!({"task": "validate", "hypothesis": format!("h {secret}"), "evidence": [secret]}),
+        json!({"task": "reason", "prompt": "Why did it fail?", "context": context}),
+        json!({"prompt": "Summarize", "context": context, "defer": true}),
+        json!({"task": "validate", "hypothesis": "h", "evidence": ["e"], "context": context, "route": "cloud"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut req = req;
+        req["id"] = json!(i);
+        req["private"] = json!(true);
+        req["max_tokens"] = json!(3);
+        let (_, done) = ask(&mut c, req);
+        assert_eq!(
+            (done["route"].as_str(), done["route_reason"].as_str()),
+            (Some("local"), Some("private")),
+            "{done}"
+        );
+    }
+    // Not private, the same long context goes to the cloud.
+    let (_, done) = ask(
+        &mut c,
+        json!({"id": "pub", "prompt": "Summarize", "context": "x ".repeat(60), "max_tokens": 3}),
+    );
+    assert_eq!(done["route_reason"], "long_context", "{done}");
+    assert_eq!(kimi.chats().len(), 1);
+    assert!(
+        kimi.recorded()
+            .iter()
+            .all(|r| !r.body.to_string().contains(secret)),
+        "a private task reached the cloud"
+    );
+}
+
+/// Today's Kimi: `auto` takes kimi-k2.6 from the account's list, its reasoning streams as `reasoning`
+/// replies before the answer's tokens, `usage` counts it apart, and `max_tokens` leaves room for an answer.
+#[test]
+fn a_thinking_model_streams_its_reasoning_apart_from_the_answer() {
+    let kimi = FakeKimi::start();
+    kimi.set_default(Behavior::think(
+        "The user asks about pumps. ",
+        "Check the bearing.",
+    ));
+    let cfg = config(&kimi, "").replace("model = \"kimi-test\"", "model = \"auto\"");
+    let d = Daemon::start_with(&cfg, with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    assert_eq!(c.status()["cloud"]["model"], "kimi-k2.6");
+    c.send(&json!({"id": "t", "prompt": COMPLEX, "max_tokens": 8}));
+    let (reasoning, tokens, done) = c.finish_thinking(&json!("t"));
+    assert_eq!(reasoning.concat(), "The user asks about pumps. ");
+    assert_eq!(tokens.concat(), "Check the bearing.");
+    assert_eq!(done["model"], "kimi-k2.6");
+    assert_eq!(
+        (
+            done["usage"]["completion_tokens"].as_u64(),
+            done["usage"]["reasoning_tokens"].as_u64()
+        ),
+        (Some(8), Some(5)),
+        "{done}"
+    );
+    let body = &kimi.chats()[0].body;
+    assert_eq!(body["max_tokens"], 256 + 4096);
+    let (_, done) = ask(
+        &mut c,
+        json!({"id": "q", "prompt": COMPLEX, "max_tokens": 8, "stream": false, "thinking": false}),
+    );
+    assert_eq!(
+        (done["text"].as_str(), done["reasoning"].as_str()),
+        (
+            Some("Check the bearing."),
+            Some("The user asks about pumps. ")
+        ),
+        "not streamed: both whole in `done` (the fake thinks whatever it is told)"
+    );
+    assert_eq!(kimi.chats()[1].body["thinking"]["type"], "disabled");
+}
+
+/// An explicit model the account does not offer keeps the cloud off from the start, says why in `status`, and
+/// fails `check-config`; nothing is sent to it.
+#[test]
+fn an_explicit_model_the_account_does_not_offer_keeps_the_cloud_off() {
+    let kimi = FakeKimi::start();
+    let cfg =
+        config(&kimi, "").replace("model = \"kimi-test\"", "model = \"kimi-k2-turbo-preview\"");
+    let d = Daemon::start_with(&cfg, with_key);
+    let mut c = d.connect();
+    let s = common::wait_for_status(&mut c, |s| s["cloud"]["link"]["model_listed"] == false);
+    let link = &s["cloud"]["link"];
+    assert_eq!(link["state"], "offline", "{s}");
+    assert!(
+        link["model_problem"]
+            .as_str()
+            .unwrap()
+            .contains("\"kimi-k2-turbo-preview\" is not offered"),
+        "{s}"
+    );
+    let (_, r) = ask(&mut c, json!({"id": 1, "prompt": "hi", "route": "cloud"}));
+    assert_eq!(r["code"], "cloud_unavailable", "{r}");
+    assert!(d.log().contains("is not offered by this account"));
+    assert!(kimi.chats().is_empty());
+    let out = common::bitnetd()
+        .arg("check-config")
+        .arg(d.dir.path().join("bitnetd.toml"))
+        .env("KIMI_API_KEY", "sk-test")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not offered"));
+    let ok = cfg.replace("kimi-k2-turbo-preview", "auto");
+    std::fs::write(d.dir.path().join("ok.toml"), ok).unwrap();
+    let out = common::bitnetd()
+        .arg("check-config")
+        .arg(d.dir.path().join("ok.toml"))
+        .env("KIMI_API_KEY", "sk-test")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cloud: model kimi-k2.6"));
 }

@@ -3,7 +3,7 @@
 //! retries with exponential backoff and jitter that honour `Retry-After` within the request's deadline, a
 //! circuit breaker, and an answer cache for deterministic requests.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -16,7 +16,8 @@ use super::breaker::Breaker;
 use super::cache::{AnswerCache, CachedAnswer};
 use super::connectivity::Connectivity;
 use super::limiter::RateLimiter;
-use super::wire::{self, ApiUsage, ChatBody, StreamOptions};
+use super::models::{self, Choice, ModelSetting, Traits};
+use super::wire::{self, ApiUsage, ChatBody, Format, StreamOptions, Switch};
 use super::{ApiKey, Cause, CloudError};
 use crate::backoff::backoff;
 use crate::config::CloudConfig;
@@ -32,20 +33,39 @@ const MAX_ERROR_BODY: usize = 64 << 10;
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudRequest {
     pub messages: Vec<Message>,
+    /// Tokens of answer asked for; what is sent follows [`models::max_tokens`].
     pub max_tokens: Option<usize>,
+    /// Left out for models whose sampling is fixed.
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub stop: Vec<String>,
+    /// `Some(false)` turns thinking off where the model can; `None` keeps the model's default.
+    pub thinking: Option<bool>,
+    /// Ask for a JSON object (JSON mode).
+    pub json: bool,
     /// Nothing is started, waited for or retried past this.
     pub deadline: Option<Instant>,
     /// Retry transient failures. Off when a local fallback is waiting: then the first failure ends it.
     pub retry: bool,
 }
 
+/// A piece of a streamed answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Answer text.
+    Text(String),
+    /// A thinking model's reasoning, never part of the answer.
+    Reasoning(String),
+}
+
 /// A finished cloud answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudAnswer {
     pub text: String,
+    /// The reasoning of a thinking model (empty otherwise).
+    pub reasoning: String,
+    /// The model that answered.
+    pub model: String,
     /// As the API says it: `stop`, `length`, `content_filter`, ...
     pub finish_reason: String,
     pub usage: Option<ApiUsage>,
@@ -58,18 +78,34 @@ pub struct CloudAnswer {
 }
 
 impl CloudAnswer {
-    /// The `done` reply for this answer, with its text, from `model`, timed by `timing`.
-    pub fn into_done(self, id: Id, model: &str, route_reason: &str, timing: Timing) -> Done {
+    /// The `done` reply for this answer, with its text and reasoning, timed by `timing`. With `json` (a
+    /// validation) the text must hold the result object ([`crate::tasks::parse_result`]); when it does not,
+    /// the answer fails with cause `protocol`.
+    pub fn into_done(
+        self,
+        id: Id,
+        route_reason: &str,
+        timing: Timing,
+        json: bool,
+    ) -> Result<Done, CloudError> {
         let usage = self.usage.unwrap_or_default();
-        Done {
+        let result = match json {
+            true => Some(crate::tasks::parse_result(&self.text).map_err(|why| {
+                CloudError::new(Cause::Protocol, format!("{} ({})", why, self.model))
+            })?),
+            false => None,
+        };
+        Ok(Done {
             id,
             text: Some(self.text),
+            reasoning: (!self.reasoning.is_empty()).then_some(self.reasoning),
+            result,
             route: Served::Cloud,
             route_reason: route_reason.to_string(),
             fallback: None,
             cached: self.cached,
             deferred: false,
-            model: model.to_string(),
+            model: self.model,
             finish_reason: match self.finish_reason.as_str() {
                 "length" => FinishReason::Length,
                 "content_filter" => FinishReason::ContentFilter,
@@ -78,9 +114,10 @@ impl CloudAnswer {
             usage: Usage {
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,
+                reasoning_tokens: usage.reasoning_tokens,
             },
             timing,
-        }
+        })
     }
 }
 
@@ -99,7 +136,9 @@ pub struct KimiClient {
     key: ApiKey,
     url: String,
     models_url: String,
-    model: String,
+    setting: ModelSetting,
+    /// The id requests go to: the setting's choice from the last model list.
+    model: RwLock<String>,
     cfg: CloudConfig,
     limiter: Mutex<RateLimiter>,
     slots: Semaphore,
@@ -149,7 +188,8 @@ impl KimiClient {
             key,
             url: format!("{base}/chat/completions"),
             models_url: format!("{base}/models"),
-            model: cfg.model.clone(),
+            model: RwLock::new(ModelSetting::parse(&cfg.model).provisional().to_string()),
+            setting: ModelSetting::parse(&cfg.model),
             limiter: Mutex::new(RateLimiter::new(cfg.requests_per_minute, Instant::now())),
             slots: Semaphore::new(cfg.max_concurrency),
             breaker: Mutex::new(Breaker::new(cfg.breaker_failures, cfg.breaker_open)),
@@ -159,9 +199,27 @@ impl KimiClient {
         })
     }
 
-    /// The model id requests go to.
-    pub fn model(&self) -> &str {
-        &self.model
+    /// The model id requests go to (for `auto`, the choice from the last model list).
+    pub fn model(&self) -> String {
+        self.model.read().unwrap().clone()
+    }
+
+    /// What `[cloud] model` asks for.
+    pub fn setting(&self) -> &ModelSetting {
+        &self.setting
+    }
+
+    /// Applies the account's model list: requests go to the chosen id from now on. Returns the choice.
+    pub fn apply_listing(&self, listed: &[String]) -> Choice {
+        let choice = models::choose(&self.setting, listed);
+        if let Choice::Chosen(id) = &choice {
+            let mut m = self.model.write().unwrap();
+            if *m != *id {
+                log::info!(model = id.as_str(), setting = self.cfg.model.as_str(); "cloud model chosen");
+                *m = id.clone();
+            }
+        }
+        choice
     }
 
     /// Answers in the cache.
@@ -179,32 +237,59 @@ impl KimiClient {
         self.breaker.lock().unwrap().is_open(Instant::now())
     }
 
-    /// Runs `req`, sending each piece of text to `tokens` as it arrives. A closed `tokens` receiver cancels
-    /// the request. Retries (when `req.retry`) only before any text was passed on.
-    pub async fn chat(
-        &self,
-        req: &CloudRequest,
-        tokens: &UnboundedSender<String>,
-    ) -> Result<CloudAnswer, CloudFailure> {
-        let started = Instant::now();
-        let body = serde_json::to_vec(&ChatBody {
-            model: &self.model,
+    /// The request body for `req` to `model`, shaped by the model's [`Traits`].
+    pub fn body(&self, req: &CloudRequest, model: &str) -> Vec<u8> {
+        let traits = Traits::of(model);
+        let thinks = traits.thinks(req.thinking);
+        let sampling = |v: Option<f32>| v.filter(|_| !traits.fixed_sampling);
+        serde_json::to_vec(&ChatBody {
+            model,
             messages: &req.messages,
             stream: true,
-            max_tokens: req.max_tokens,
-            temperature: req.temperature,
-            top_p: req.top_p,
+            max_tokens: Some(models::max_tokens(
+                req.max_tokens,
+                thinks,
+                self.cfg.min_answer_tokens,
+                self.cfg.reasoning_budget_tokens,
+            )),
+            temperature: sampling(req.temperature),
+            top_p: sampling(req.top_p),
             stop: &req.stop,
+            thinking: match req.thinking {
+                Some(on) if traits.thinking_switch => Some(if on {
+                    Switch::Enabled
+                } else {
+                    Switch::Disabled
+                }),
+                _ => None,
+            },
+            response_format: req.json.then_some(Format::JsonObject),
             stream_options: StreamOptions {
                 include_usage: true,
             },
         })
-        .expect("the chat body serializes");
-        let cache_key = (req.temperature == Some(0.0)).then(|| AnswerCache::key(&body));
+        .expect("the chat body serializes")
+    }
+
+    /// Runs `req`, sending each piece of text and reasoning to `tokens` as it arrives. A closed `tokens`
+    /// receiver cancels the request. Retries (when `req.retry`) only before anything was passed on.
+    pub async fn chat(
+        &self,
+        req: &CloudRequest,
+        tokens: &UnboundedSender<Piece>,
+    ) -> Result<CloudAnswer, CloudFailure> {
+        let started = Instant::now();
+        let model = self.model();
+        let body = self.body(req, &model);
+        // Deterministic only when temperature 0 is actually sent (fixed-sampling models leave it out).
+        let deterministic = req.temperature == Some(0.0) && !Traits::of(&model).fixed_sampling;
+        let cache_key = deterministic.then(|| AnswerCache::key(&body));
         if let Some(hit) = cache_key.and_then(|k| self.cache.get(&k)) {
-            let _ = tokens.send(hit.text.clone());
+            let _ = tokens.send(Piece::Text(hit.text.clone()));
             return Ok(CloudAnswer {
                 text: hit.text,
+                reasoning: String::new(),
+                model,
                 finish_reason: hit.finish_reason,
                 usage: hit.usage,
                 cached: true,
@@ -234,7 +319,7 @@ impl KimiClient {
                 }
             };
             attempts += 1;
-            let outcome = self.attempt(&body, limit, tokens, started).await;
+            let outcome = self.attempt(&body, &model, limit, tokens, started).await;
             drop(permit);
             let (error, relayed) = match outcome {
                 Attempt::Done(answer) => {

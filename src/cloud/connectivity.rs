@@ -46,6 +46,12 @@ impl Link {
         }
     }
 
+    /// The probe answered, but the account offers no model the configuration accepts (`why`): the cloud
+    /// counts as offline until a probe finds one, so nothing is sent to a model that does not exist.
+    pub fn on_model_missing(&mut self, why: &str) {
+        self.set_offline(why.to_string());
+    }
+
     /// A cloud request completed, or failed for a reason that is not an outage.
     pub fn on_request_ok(&mut self) {
         self.set_online("a request succeeded");
@@ -85,7 +91,8 @@ impl Default for Link {
 /// See the module documentation.
 pub struct Connectivity {
     link: Mutex<(Link, Instant)>,
-    model_listed: Mutex<Option<bool>>,
+    /// Whether the last model list had a model for the configuration, and the problem when not.
+    model_listed: Mutex<Option<Result<(), String>>>,
     tx: watch::Sender<CloudState>,
     probe_now: Notify,
 }
@@ -110,6 +117,7 @@ impl Connectivity {
     }
 
     pub fn status(&self) -> LinkStatus {
+        let listed = self.model_listed.lock().unwrap().clone();
         let (link, since) = &*self.link.lock().unwrap();
         LinkStatus {
             state: match link.state {
@@ -119,7 +127,8 @@ impl Connectivity {
             .into(),
             reason: link.reason.clone(),
             since_s: (since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-            model_listed: *self.model_listed.lock().unwrap(),
+            model_listed: listed.as_ref().map(Result::is_ok),
+            model_problem: listed.and_then(Result::err),
         }
     }
 
@@ -152,7 +161,9 @@ impl Connectivity {
     }
 
     /// Probes `GET /models` now and then (every `every` while online; from 2 s doubling up to `every` while
-    /// offline) until `stop`. Warns once when the configured model is not listed.
+    /// offline) until `stop`, and applies each model list to the client (`[cloud] model`): when the account
+    /// offers no model the configuration accepts, the link stays offline with that reason, logged as an error
+    /// once per change.
     pub async fn run_probes(
         &self,
         client: &KimiClient,
@@ -174,15 +185,19 @@ impl Connectivity {
                 }
                 Err(e) => Err(e.message.as_str()),
             };
-            if let Ok(models) = &result {
-                let listed = models.iter().any(|m| m == client.model());
-                let before = self.model_listed.lock().unwrap().replace(listed);
-                if !listed && before != Some(false) {
-                    log::warn!(model = client.model(), available = models.join(", ").as_str();
-                        "the configured cloud model is not in GET /models; check [cloud] model");
+            let problem = result.as_ref().ok().and_then(|models| {
+                let problem = client.apply_listing(models).problem(models);
+                let now = problem.clone().map_or(Ok(()), Err);
+                let before = self.model_listed.lock().unwrap().replace(now.clone());
+                if let (Err(why), true) = (&now, before != Some(now.clone())) {
+                    log::error!("{why}; the cloud route stays off until the account lists it");
                 }
+                problem
+            });
+            match problem {
+                Some(why) => self.update(|l| l.on_model_missing(&why)),
+                None => self.update(|l| l.on_probe(reachable)),
             }
-            self.update(|l| l.on_probe(reachable));
             let wait = if self.state() == CloudState::Online {
                 offline_round = 0;
                 every
@@ -243,6 +258,15 @@ mod tests {
         l.on_request_ok();
         l.on_request_outage();
         assert_eq!(l.state, CloudState::Online);
+    }
+
+    #[test]
+    fn a_model_the_account_does_not_offer_keeps_the_cloud_off() {
+        let mut l = Link::new();
+        l.on_probe(Ok(()));
+        l.on_model_missing("[cloud] model \"x\" is not offered by this account");
+        assert_eq!(l.state, CloudState::Offline);
+        assert!(l.reason.contains("not offered"));
     }
 
     #[test]

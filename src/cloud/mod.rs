@@ -2,25 +2,29 @@
 //! honest on a board with a flaky uplink.
 //!
 //! - [`key`]: where the API key comes from; it never appears in logs, errors or config dumps.
+//! - [`models`]: which model requests go to (`[cloud] model = "auto"`), and what each model accepts (pure).
 //! - [`wire`]: the request body, stream chunks and error bodies, and their classification (pure).
 //! - [`breaker`], [`limiter`]: the circuit breaker and the requests-per-minute limiter (pure, clock passed in).
 //! - [`cache`]: answers to identical deterministic requests.
 //! - [`client`]: [`KimiClient`], streaming with retries, backoff, limits and timeouts.
+//! - [`check`]: `bitnetd check-config`'s probe of the key and the model.
 //! - [`connectivity`]: whether the cloud is reachable, from probes and from the client's own results.
 
 pub mod breaker;
 pub mod cache;
+pub mod check;
 pub mod client;
 pub mod connectivity;
 pub mod key;
 pub mod limiter;
+pub mod models;
 pub mod wire;
 
 use std::time::Duration;
 
 use serde::Serialize;
 
-pub use client::{CloudAnswer, CloudFailure, CloudRequest, KimiClient};
+pub use client::{CloudAnswer, CloudFailure, CloudRequest, KimiClient, Piece};
 pub use connectivity::Connectivity;
 pub use key::ApiKey;
 

@@ -22,6 +22,12 @@ pub struct ChatBody<'a> {
     pub top_p: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub stop: &'a [String],
+    /// `{"type": "enabled" | "disabled"}`, for models that take it (see `models::Traits`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<Switch>,
+    /// `{"type": "json_object"}`: JSON mode, for answers that must parse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Format>,
     /// Asks for usage in a final chunk (Moonshot may put it in `choices[0]` instead; both are read).
     pub stream_options: StreamOptions,
 }
@@ -31,13 +37,60 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Token counts as the API reports them.
+/// `{"type": "enabled"}` or `{"type": "disabled"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Switch {
+    Enabled,
+    Disabled,
+}
+
+/// `{"type": "json_object"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Format {
+    JsonObject,
+}
+
+/// Token counts as the API reports them. `completion_tokens` includes the reasoning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(from = "RawUsage")]
 pub struct ApiUsage {
-    #[serde(default)]
     pub prompt_tokens: usize,
-    #[serde(default)]
     pub completion_tokens: usize,
+    /// Tokens of reasoning (`completion_tokens_details.reasoning_tokens`, or `reasoning_tokens`), when reported.
+    pub reasoning_tokens: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: usize,
+    #[serde(default)]
+    completion_tokens: usize,
+    #[serde(default)]
+    reasoning_tokens: Option<usize>,
+    #[serde(default)]
+    completion_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    #[serde(default)]
+    reasoning_tokens: Option<usize>,
+}
+
+impl From<RawUsage> for ApiUsage {
+    fn from(u: RawUsage) -> ApiUsage {
+        ApiUsage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            reasoning_tokens: u
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .or(u.reasoning_tokens),
+        }
+    }
 }
 
 /// One `data:` payload of the stream.
@@ -62,6 +115,8 @@ pub struct ChunkChoice {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Delta {
     pub content: Option<String>,
+    /// A thinking model's reasoning, streamed before its answer.
+    pub reasoning_content: Option<String>,
 }
 
 /// What one stream line means.
@@ -69,6 +124,8 @@ pub struct Delta {
 pub enum StreamItem {
     /// Text to relay (may be empty).
     Text(String),
+    /// Reasoning to relay apart from the answer (may be empty).
+    Reasoning(String),
     /// End of the answer with a finish reason, and usage when this chunk carries it.
     Finish {
         reason: String,
@@ -101,6 +158,9 @@ pub fn parse_event(data: &str) -> Result<Vec<StreamItem>, CloudError> {
     let mut items = Vec::new();
     let mut usage = chunk.usage;
     for c in chunk.choices.into_iter().take(1) {
+        if let Some(t) = c.delta.reasoning_content {
+            items.push(StreamItem::Reasoning(t));
+        }
         if let Some(t) = c.delta.content {
             items.push(StreamItem::Text(t));
         }
@@ -257,7 +317,8 @@ mod tests {
                 reason: "stop".into(),
                 usage: Some(ApiUsage {
                     prompt_tokens: 9,
-                    completion_tokens: 4
+                    completion_tokens: 4,
+                    reasoning_tokens: None,
                 })
             }]
         );
@@ -272,7 +333,8 @@ mod tests {
             items,
             vec![StreamItem::Usage(ApiUsage {
                 prompt_tokens: 3,
-                completion_tokens: 2
+                completion_tokens: 2,
+                reasoning_tokens: None,
             })]
         );
     }
@@ -355,6 +417,8 @@ mod tests {
             temperature: None,
             top_p: None,
             stop: &[],
+            thinking: None,
+            response_format: None,
             stream_options: StreamOptions {
                 include_usage: true,
             },
@@ -365,5 +429,41 @@ mod tests {
             serde_json::json!({"model":"kimi-k2","messages":[{"role":"user","content":"hi"}],"stream":true,
                 "max_tokens":5,"stream_options":{"include_usage":true}})
         );
+        let b = ChatBody {
+            thinking: Some(Switch::Disabled),
+            response_format: Some(Format::JsonObject),
+            ..b
+        };
+        let v = serde_json::to_value(&b).unwrap();
+        assert_eq!(v["thinking"], serde_json::json!({"type": "disabled"}));
+        assert_eq!(
+            v["response_format"],
+            serde_json::json!({"type": "json_object"})
+        );
+    }
+
+    #[test]
+    fn reasoning_deltas_are_their_own_items() {
+        let items = parse_event(
+            r#"{"choices":[{"index":0,"delta":{"reasoning_content":"Let me think."}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(items, vec![StreamItem::Reasoning("Let me think.".into())]);
+    }
+
+    #[test]
+    fn reasoning_tokens_are_read_from_either_place() {
+        let u: ApiUsage = serde_json::from_str(
+            r#"{"prompt_tokens":5,"completion_tokens":40,"completion_tokens_details":{"reasoning_tokens":31}}"#,
+        )
+        .unwrap();
+        assert_eq!(u.reasoning_tokens, Some(31));
+        let u: ApiUsage = serde_json::from_str(
+            r#"{"prompt_tokens":5,"completion_tokens":40,"reasoning_tokens":7}"#,
+        )
+        .unwrap();
+        assert_eq!(u.reasoning_tokens, Some(7));
+        let u: ApiUsage = serde_json::from_str(r#"{"prompt_tokens":5}"#).unwrap();
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (0, None));
     }
 }

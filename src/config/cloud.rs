@@ -34,6 +34,8 @@ pub struct RawCloud {
     pub cache_entries: usize,
     pub probe_interval_secs: u64,
     pub probe_timeout_ms: u64,
+    pub min_answer_tokens: usize,
+    pub reasoning_budget_tokens: usize,
 }
 
 impl Default for RawCloud {
@@ -41,7 +43,7 @@ impl Default for RawCloud {
         RawCloud {
             enabled: true,
             base_url: "https://api.moonshot.ai/v1".into(),
-            model: "kimi-k2-turbo-preview".into(),
+            model: "auto".into(),
             api_key_file: None,
             ca_file: None,
             connect_timeout_ms: 5_000,
@@ -58,6 +60,8 @@ impl Default for RawCloud {
             cache_entries: 256,
             probe_interval_secs: 60,
             probe_timeout_ms: 5_000,
+            min_answer_tokens: 256,
+            reasoning_budget_tokens: 4096,
         }
     }
 }
@@ -70,6 +74,7 @@ pub struct RawRouter {
     /// `None`: the built-in list (see `router::complexity::DEFAULT_KEYWORDS`).
     pub keywords: Option<Vec<String>>,
     pub long_prompt_chars: usize,
+    pub long_context_chars: usize,
     pub fallback_to_local: bool,
 }
 
@@ -79,6 +84,7 @@ impl Default for RawRouter {
             complexity_threshold: 0.6,
             keywords: None,
             long_prompt_chars: 1500,
+            long_context_chars: 10_000,
             fallback_to_local: true,
         }
     }
@@ -116,6 +122,7 @@ pub struct CloudConfig {
     pub enabled: bool,
     /// `http://` or `https://`, without a trailing `/`.
     pub base_url: String,
+    /// `auto` or a model id (see `cloud::models`).
     pub model: String,
     pub api_key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
@@ -140,6 +147,10 @@ pub struct CloudConfig {
     pub cache_entries: usize,
     pub probe_every: Duration,
     pub probe_timeout: Duration,
+    /// At least 1: the smallest answer a thinking model is given room for (`cloud::models::max_tokens`).
+    pub min_answer_tokens: usize,
+    /// Tokens a thinking model may reason for, on top of its answer.
+    pub reasoning_budget_tokens: usize,
 }
 
 /// The validated `[router]` section.
@@ -151,6 +162,8 @@ pub struct RouterConfig {
     pub keywords: Vec<String>,
     /// At least 1.
     pub long_prompt_chars: usize,
+    /// At least 1: a request's `context` longer than this (characters) goes to the cloud.
+    pub long_context_chars: usize,
     pub fallback_to_local: bool,
 }
 
@@ -223,6 +236,9 @@ pub(super) fn validate_cloud(c: &RawCloud, invalid: Invalid) -> Result<CloudConf
             c.probe_interval_secs,
         )?),
         probe_timeout: ms("cloud.probe_timeout_ms", c.probe_timeout_ms)?,
+        min_answer_tokens: positive("cloud.min_answer_tokens", c.min_answer_tokens as u64)?
+            as usize,
+        reasoning_budget_tokens: c.reasoning_budget_tokens,
     })
 }
 
@@ -242,6 +258,12 @@ pub(super) fn validate_router(
             "must be at least 1".into(),
         ));
     }
+    if r.long_context_chars == 0 {
+        return Err(invalid(
+            "router.long_context_chars",
+            "must be at least 1".into(),
+        ));
+    }
     let keywords = match &r.keywords {
         Some(k) => {
             if k.iter().any(|w| w.trim().is_empty()) {
@@ -258,6 +280,7 @@ pub(super) fn validate_router(
         complexity_threshold: r.complexity_threshold,
         keywords,
         long_prompt_chars: r.long_prompt_chars,
+        long_context_chars: r.long_context_chars,
         fallback_to_local: r.fallback_to_local,
     })
 }

@@ -99,6 +99,8 @@ impl Forwarder {
             temperature: task.request.temperature,
             top_p: task.request.top_p,
             stop: task.request.stop.clone(),
+            thinking: task.request.thinking,
+            json: task.request.json,
             deadline: None,
             retry: true,
         };
@@ -110,10 +112,13 @@ impl Forwarder {
                 let usage = a.usage.unwrap_or_default();
                 let ttft = a.ttft.unwrap_or(total);
                 let timing = Timing::measured(ttft, total, usage.completion_tokens);
-                let mut done =
-                    a.into_done(task.id.clone(), self.client.model(), "deferred", timing);
-                done.deferred = true;
-                StoredReply::Done(done)
+                match a.into_done(task.id.clone(), "deferred", timing, req.json) {
+                    Ok(mut done) => {
+                        done.deferred = true;
+                        StoredReply::Done(done)
+                    }
+                    Err(e) => StoredReply::Error(WireError::from(&e).with_id(&task.id).into()),
+                }
             }
             // Not processed, or worth another go once the cloud is back: keep the task.
             Err(f) if f.error.cause.retryable() || f.error.cause == Cause::CircuitOpen => {

@@ -35,6 +35,12 @@ pub struct TaskRequest {
     pub top_p: Option<f32>,
     #[serde(default)]
     pub stop: Vec<String>,
+    /// See `protocol::Request::thinking`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<bool>,
+    /// The answer must be a JSON object (`task: "validate"`), parsed into the result's `result`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub json: bool,
 }
 
 /// Where a task's result goes.

@@ -13,7 +13,7 @@ use tokio::sync::mpsc::unbounded_channel;
 
 use super::ledger::{ms, Completion, Outcome};
 use super::local::{LocalRun, LocalRunner};
-use crate::cloud::{Cause, CloudAnswer, CloudError, CloudRequest, Connectivity, KimiClient};
+use crate::cloud::{Cause, CloudAnswer, CloudError, CloudRequest, Connectivity, KimiClient, Piece};
 use crate::config::RouterConfig;
 use crate::deferred::DeferredQueue;
 use crate::engine::{CancelToken, ValidatedRequest};
@@ -55,7 +55,7 @@ pub(super) struct CloudJob {
 
 impl CloudJob {
     pub async fn run(self) {
-        let (ttx, mut trx) = unbounded_channel::<String>();
+        let (ttx, mut trx) = unbounded_channel::<Piece>();
         let mut relayed = false;
         let call_started = Instant::now();
         let result = {
@@ -81,13 +81,15 @@ impl CloudJob {
         }
     }
 
-    /// Sends a piece of text when streaming; true if it went out.
-    fn relay(&self, text: String) -> bool {
-        if !self.run.stream || text.is_empty() {
-            return false;
-        }
+    /// Sends a piece of the answer or of the reasoning when streaming; true if it went out.
+    fn relay(&self, piece: Piece) -> bool {
         let id = self.completion.id().clone();
-        self.completion.send(Reply::Token { id, text })
+        let reply = match piece {
+            Piece::Text(text) if !text.is_empty() => Reply::Token { id, text },
+            Piece::Reasoning(text) if !text.is_empty() => Reply::Reasoning { id, text },
+            _ => return false,
+        };
+        self.run.stream && self.completion.send(reply)
     }
 
     fn answered(self, a: CloudAnswer, call_started: Instant) {
@@ -101,9 +103,16 @@ impl CloudJob {
         let timing = Timing::measured(ttft, total, usage.completion_tokens);
         let (cached, stream) = (a.cached, self.run.stream);
         let id = self.completion.id().clone();
-        let mut done = a.into_done(id, self.client.model(), self.run.route_reason, timing);
+        let mut done = match a.into_done(id, self.run.route_reason, timing, self.req.json) {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!(id:% = self.completion.id(), cause = e.cause.as_str(); "cloud answer unusable: {}", e.message);
+                return self.completion.fail(WireError::from(&e), Some(e.cause));
+            }
+        };
         if stream {
             done.text = None;
+            done.reasoning = None;
         }
         let outcome = Outcome::Cloud {
             tokens: usage.completion_tokens,

@@ -42,6 +42,8 @@ pub(super) struct LocalRun {
     /// The cloud's failure cause, when this run is a fallback.
     pub fallback: Option<Cause>,
     pub on_deadline: OnDeadline,
+    /// `task: "validate"`: the answer's JSON object goes into `done.result` when the text holds one.
+    pub validate: bool,
     pub opts: JobOptions,
 }
 
@@ -195,9 +197,22 @@ impl Pump {
             (FinishReason::Length, Some(n)) if g.completion_tokens() >= n => FinishReason::Budget,
             (r, _) => r,
         };
+        // A small local model may not manage the object: then `done` has the text and no `result`.
+        let result = self
+            .run
+            .validate
+            .then(|| crate::tasks::parse_result(&g.text))
+            .and_then(|r| {
+                r.map_err(
+                    |why| log::info!(id:% = self.completion.id(); "no validation result: {why}"),
+                )
+                .ok()
+            });
         let done = Done {
             id: self.completion.id().clone(),
             text: (!self.run.stream).then(|| g.text.clone()),
+            reasoning: None,
+            result,
             route: Served::Local,
             route_reason: self.run.route_reason.to_string(),
             fallback: fallback.map(str::to_string),
@@ -208,6 +223,7 @@ impl Pump {
             usage: Usage {
                 prompt_tokens: g.prompt_tokens,
                 completion_tokens: g.completion_tokens(),
+                reasoning_tokens: None,
             },
             timing,
         };

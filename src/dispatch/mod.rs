@@ -37,8 +37,9 @@ use crate::engine::{
 };
 use crate::errors::Refusal;
 use crate::governor::Budget;
-use crate::protocol::{Id, ParseError, Reply, Request, WireError};
+use crate::protocol::{Id, Reply, Request, WireError};
 use crate::router::{Decision, Reason};
+use crate::tasks::{self, Shaped};
 use ledger::Ledger;
 use local::{LocalRun, LocalRunner};
 
@@ -154,17 +155,12 @@ impl Dispatcher {
         if req.deadline_ms == Some(0) {
             return Err(Refusal::InvalidDeadline.into());
         }
-        let prompt = match (&req.prompt, &req.messages) {
-            (Some(p), _) => Prompt::Text(p.clone()),
-            (None, Some(m)) => Prompt::Chat(m.clone()),
-            (None, None) => {
-                return Err(ParseError::new("missing field `prompt` (or `messages`)").into())
-            }
-        };
-        let params = self.params(req);
+        // The same prompt runs on the board and in the cloud: context and task templates applied.
+        let shaped = tasks::shape(req);
+        let params = self.params(req, shaped.temperature);
         let max_tokens = params.max_tokens;
         // Local validation also tells routing whether the prompt fits the local context.
-        let local = match self.local.backend.prepare(&prompt, params) {
+        let local = match self.local.backend.prepare(&shaped.prompt, params) {
             Ok(v) => Ok(v),
             Err(EngineError::PromptTooLong { tokens, context }) => Err((tokens, context)),
             Err(e) => return Err(WireError::from(&e)),
@@ -181,6 +177,7 @@ impl Dispatcher {
             route_reason: reason.as_str(),
             fallback: None,
             on_deadline: req.on_deadline,
+            validate: shaped.json,
             opts: JobOptions {
                 deadline,
                 start_by: origin.start_by,
@@ -196,9 +193,12 @@ impl Dispatcher {
             }
             Decision::Cloud { reason, fallback } => {
                 let fallback = local.ok().filter(|_| fallback);
-                self.start_cloud(req, &origin, deadline, run(reason), reason, fallback)
+                let cloud = cloud_request(req, &shaped, deadline, fallback.is_none());
+                self.start_cloud(req, cloud, &origin, run(reason), reason, fallback)
             }
-            Decision::Defer(reason) => self.defer(req, origin, reason),
+            Decision::Defer(reason) => {
+                self.defer(req, cloud_request(req, &shaped, None, true), origin, reason)
+            }
         }
     }
 
@@ -228,8 +228,8 @@ impl Dispatcher {
     fn start_cloud(
         &self,
         req: &Request,
+        cloud: CloudRequest,
         origin: &Origin,
-        deadline: Option<Instant>,
         run: LocalRun,
         reason: Reason,
         fallback: Option<ValidatedRequest>,
@@ -248,7 +248,7 @@ impl Dispatcher {
             fallback = fallback.is_some(), stream = req.stream; "request accepted");
         let job = cloud::CloudJob {
             client: route.client.clone(),
-            req: cloud_request(req, deadline, fallback.is_none()),
+            req: cloud,
             run,
             fallback: fallback.map(|v| (self.local.clone(), v)),
             cancel: cancel.clone(),
@@ -258,19 +258,26 @@ impl Dispatcher {
         Ok(Ticket { replies, cancel })
     }
 
-    fn defer(&self, req: &Request, origin: Origin, reason: Reason) -> Result<Ticket, WireError> {
+    fn defer(
+        &self,
+        req: &Request,
+        r: CloudRequest,
+        origin: Origin,
+        reason: Reason,
+    ) -> Result<Ticket, WireError> {
         let route = self
             .opts
             .cloud
             .as_ref()
             .expect("the router deferred, so there is a cloud");
-        let r = cloud_request(req, None, true);
         let task = TaskRequest {
             messages: r.messages,
             max_tokens: r.max_tokens,
             temperature: r.temperature,
             top_p: r.top_p,
             stop: r.stop,
+            thinking: r.thinking,
+            json: r.json,
         };
         let stored = route.queue.push(req.id.clone(), origin.reply_to, task);
         let task = stored.map_err(|e| {
@@ -312,12 +319,13 @@ impl Dispatcher {
         }
     }
 
-    fn params(&self, req: &Request) -> GenerateParams {
+    /// The local generation parameters of `req`; `temperature` is the request's or its task's.
+    fn params(&self, req: &Request, temperature: Option<f32>) -> GenerateParams {
         let d = self.local.backend.generation_defaults();
         GenerateParams {
             max_tokens: req.max_tokens.unwrap_or(self.opts.default_max_tokens),
             sampling: SamplingParams {
-                temperature: req.temperature.or(d.temperature).unwrap_or(0.0),
+                temperature: temperature.or(d.temperature).unwrap_or(0.0),
                 top_k: req.top_k.or(d.top_k).unwrap_or(0),
                 top_p: req.top_p.or(d.top_p).unwrap_or(1.0),
                 repetition_penalty: req
@@ -368,22 +376,30 @@ impl Dispatcher {
     }
 }
 
-/// The cloud form of a request: a prompt becomes one user message.
-fn cloud_request(req: &Request, deadline: Option<Instant>, retry: bool) -> CloudRequest {
-    let messages = match (&req.prompt, &req.messages) {
-        (_, Some(m)) => m.clone(),
-        (Some(p), None) => vec![Message {
+/// The cloud form of a request, as shaped: a text prompt becomes one user message.
+fn cloud_request(
+    req: &Request,
+    shaped: &Shaped,
+    deadline: Option<Instant>,
+    retry: bool,
+) -> CloudRequest {
+    let messages = match &shaped.prompt {
+        Prompt::Chat(m) => m.clone(),
+        Prompt::Text(p) => vec![Message {
             role: "user".into(),
             content: p.clone(),
         }],
-        (None, None) => vec![],
+        // Requests carry text or messages; token ids come only from the library.
+        Prompt::Ids(_) => vec![],
     };
     CloudRequest {
         messages,
         max_tokens: req.max_tokens,
-        temperature: req.temperature,
+        temperature: shaped.temperature,
         top_p: req.top_p,
         stop: req.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+        thinking: req.thinking,
+        json: shaped.json,
         deadline,
         retry,
     }

@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use super::Dispatcher;
 use crate::engine::ValidatedRequest;
-use crate::protocol::{Request, Route};
+use crate::protocol::{Request, Route, Task};
 use crate::router::{self, complexity, CloudState, Decision, LocalFit, RouteRequest, Situation};
+use crate::tasks;
 
 impl Dispatcher {
     /// Asks the router where `req` runs; `local` is its validation for the board, or the prompt and context
@@ -23,23 +24,25 @@ impl Dispatcher {
         let (threshold, fallback) = cloud.map_or((f32::INFINITY, false), |c| {
             (c.router.complexity_threshold, c.router.fallback_to_local)
         });
-        let score = match cloud {
+        let (score, expert) = match cloud {
             Some(c) if req.route == Route::Auto && !req.private => {
-                let text = match (&req.prompt, &req.messages) {
-                    (Some(p), _) => p.clone(),
-                    (None, Some(m)) => m
-                        .iter()
-                        .map(|m| m.content.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                    _ => String::new(),
-                };
-                let c2 = complexity::score(&text, &c.router.keywords, c.router.long_prompt_chars);
+                let c2 = complexity::score(
+                    &tasks::query_text(req),
+                    &c.router.keywords,
+                    c.router.long_prompt_chars,
+                );
                 log::debug!(id:% = req.id, score = c2.score, signals:? = c2.signals; "complexity");
-                c2.score
+                // The plan's reasoning task is complex work at least; its validation is expert work.
+                let score = match req.task {
+                    Some(Task::Reason) => c2.score.max(complexity::COMPLEX_FLOOR),
+                    _ => c2.score,
+                };
+                (score, c2.expert || req.task == Some(Task::Validate))
             }
-            _ => 0.0,
+            _ => (0.0, false),
         };
+        let long_context =
+            cloud.is_some_and(|c| tasks::context_chars(req) > c.router.long_context_chars);
         let fit = match local {
             Ok(v) => LocalFit::Fits {
                 prompt_tokens: v.prompt_ids().len(),
@@ -60,6 +63,8 @@ impl Dispatcher {
                 max_tokens,
                 deadline: deadline.map(|d| d.saturating_duration_since(now)),
                 complexity: score,
+                expert,
+                long_context,
             },
             &Situation {
                 cloud: cloud_state,

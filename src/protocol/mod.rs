@@ -84,6 +84,32 @@ pub struct Request {
     /// at once (`refuse`: error `deadline`).
     #[serde(default)]
     pub on_deadline: OnDeadline,
+    /// A document that goes with the question (logs, a report), placed in the prompt by a documented template
+    /// (`crate::tasks`). Longer than `[router] long_context_chars`, it sends `auto` work to the cloud.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// One of the integration plan's request types; absent: plain generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
+    /// `task: "validate"`: the hypothesis to check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypothesis: Option<String>,
+    /// `task: "validate"`: the evidence, one item per string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Vec<String>>,
+    /// `false` asks a thinking cloud model not to think (where the model can turn it off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<bool>,
+}
+
+/// The integration plan's request types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Scientific validation of `hypothesis` against `evidence`, answered with a parsed `result` object.
+    Validate,
+    /// Advanced reasoning over the prompt (and `context`), with the plan's system prompt and a low temperature.
+    Reason,
 }
 
 /// See [`Request::on_deadline`].
@@ -219,10 +245,39 @@ pub fn parse_value(value: serde_json::Value) -> Result<Incoming, ParseError> {
         return Err(ParseError::new("missing field `id`"));
     }
     let req: Request = serde_json::from_value(value).map_err(bad)?;
+    check_task(&req).map_err(fail)?;
+    Ok(Incoming::Request(Box::new(req)))
+}
+
+/// The fields a request's task needs, and no others: `validate` takes `hypothesis` and `evidence` instead of a
+/// prompt; every other request takes exactly one of `prompt` and `messages`.
+fn check_task(req: &Request) -> Result<(), String> {
+    let validate = req.task == Some(Task::Validate);
+    if validate {
+        match (&req.hypothesis, &req.evidence) {
+            (Some(h), Some(_)) if !h.trim().is_empty() => {}
+            (None, _) | (Some(_), Some(_)) => {
+                return Err("`task: \"validate\"` needs a non-empty `hypothesis`".into())
+            }
+            (_, None) => {
+                return Err("`task: \"validate\"` needs `evidence` (a list of strings)".into())
+            }
+        }
+        if req.prompt.is_some() || req.messages.is_some() {
+            return Err(
+                "`task: \"validate\"` takes `hypothesis` and `evidence`, not `prompt` or `messages`"
+                    .into(),
+            );
+        }
+        return Ok(());
+    }
+    if req.hypothesis.is_some() || req.evidence.is_some() {
+        return Err("`hypothesis` and `evidence` go with `task: \"validate\"`".into());
+    }
     match (&req.prompt, &req.messages) {
-        (Some(_), Some(_)) => Err(fail("give either `prompt` or `messages`, not both".into())),
-        (None, None) => Err(fail("missing field `prompt` (or `messages`)".into())),
-        _ => Ok(Incoming::Request(Box::new(req))),
+        (Some(_), Some(_)) => Err("give either `prompt` or `messages`, not both".into()),
+        (None, None) => Err("missing field `prompt` (or `messages`)".into()),
+        _ => Ok(()),
     }
 }
 
@@ -333,6 +388,64 @@ mod tests {
         ] {
             let e = parse_str(text).unwrap_err();
             assert_eq!(e.id, id, "{text}");
+            assert!(e.message.contains(needle), "{text}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn the_plans_request_types_parse_with_their_fields() {
+        let Incoming::Request(r) = parse_str(
+            r#"{"id":1,"task":"validate","hypothesis":"h","evidence":["a","b"],"context":"log","thinking":false}"#,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.task, Some(Task::Validate));
+        assert_eq!(
+            r.evidence.as_deref(),
+            Some(&["a".to_string(), "b".into()][..])
+        );
+        assert_eq!(
+            (r.context.as_deref(), r.thinking),
+            (Some("log"), Some(false))
+        );
+        let Incoming::Request(r) =
+            parse_str(r#"{"id":2,"task":"reason","prompt":"why?","context":"doc"}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.task, Some(Task::Reason));
+    }
+
+    #[test]
+    fn a_task_without_its_fields_is_a_bad_request() {
+        for (text, needle) in [
+            (
+                r#"{"id":1,"task":"validate","evidence":[]}"#,
+                "needs a non-empty `hypothesis`",
+            ),
+            (
+                r#"{"id":1,"task":"validate","hypothesis":" ","evidence":[]}"#,
+                "non-empty",
+            ),
+            (
+                r#"{"id":1,"task":"validate","hypothesis":"h"}"#,
+                "needs `evidence`",
+            ),
+            (
+                r#"{"id":1,"task":"validate","hypothesis":"h","evidence":[],"prompt":"x"}"#,
+                "not `prompt`",
+            ),
+            (r#"{"id":1,"prompt":"x","hypothesis":"h"}"#, "go with"),
+            (r#"{"id":1,"task":"reason"}"#, "missing field `prompt`"),
+            (r#"{"id":1,"task":"guess","prompt":"x"}"#, "unknown variant"),
+            (
+                r#"{"id":1,"task":"validate","hypothesis":"h","evidence":"e"}"#,
+                "invalid type",
+            ),
+        ] {
+            let e = parse_str(text).unwrap_err();
+            assert_eq!(e.id, Some(json!(1)), "{text}");
             assert!(e.message.contains(needle), "{text}: {}", e.message);
         }
     }

@@ -124,7 +124,11 @@ impl WireError {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Every generated token, reasoning included.
     pub completion_tokens: usize,
+    /// Of `completion_tokens`, those a thinking model spent reasoning (when it reports them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<usize>,
 }
 
 /// Timings of a finished request, in milliseconds from its acceptance.
@@ -189,6 +193,13 @@ pub struct Done {
     /// The whole answer; only when the request did not stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// A thinking model's whole reasoning; only when the request did not stream (streamed, it came as
+    /// `reasoning` replies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// `task: "validate"`: the answer's JSON object (`confidence` in [0, 1], ...), see `crate::tasks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
     pub route: Served,
     /// Why it went there (`simple`, `complex`, `too_long_for_local`, `deadline`, `board_busy`, `private`,
     /// `requested`, `cloud_offline`).
@@ -237,6 +248,11 @@ impl From<WireError> for ErrorReply {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Reply {
     Token {
+        id: Id,
+        text: String,
+    },
+    /// A piece of a thinking model's reasoning, streamed before the answer's tokens and never part of them.
+    Reasoning {
         id: Id,
         text: String,
     },
@@ -357,6 +373,8 @@ mod tests {
         let done = Reply::Done(Done {
             id: json!(7),
             text: Some("hi".into()),
+            reasoning: Some("think".into()),
+            result: Some(json!({"confidence": 0.5})),
             route: Served::Local,
             route_reason: "simple".into(),
             fallback: None,
@@ -367,6 +385,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 2,
                 completion_tokens: 1,
+                reasoning_tokens: Some(0),
             },
             timing: Timing::measured(
                 std::time::Duration::from_millis(5),
@@ -382,7 +401,15 @@ mod tests {
             id: json!("d"),
             position: 2,
         };
-        for r in [done, error, deferred] {
+        let reasoning = Reply::Reasoning {
+            id: json!("r"),
+            text: "so".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&reasoning).unwrap(),
+            json!({"type":"reasoning","id":"r","text":"so"})
+        );
+        for r in [done, error, deferred, reasoning] {
             let back: Reply = serde_json::from_slice(&r.to_line()).unwrap();
             assert_eq!(back, r);
         }

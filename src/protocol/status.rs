@@ -116,6 +116,9 @@ pub struct LinkStatus {
     pub reason: String,
     /// Seconds since the last change.
     pub since_s: f64,
-    /// Whether `GET /models` listed the configured model (absent before a successful probe).
+    /// Whether `GET /models` listed a model for `[cloud] model` (absent before a successful probe).
     pub model_listed: Option<bool>,
+    /// When it did not: why the cloud stays off (the configured id, and what the account lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_problem: Option<String>,
 }

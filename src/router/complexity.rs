@@ -12,6 +12,10 @@
 //!
 //! With the default threshold 0.6, one keyword plus one other signal (or two keywords) escalates, a plain
 //! factual question ("What is a dog?") scores 0.
+//!
+//! The integration plan's keyword levels are floors under the sum: one of its expert words ([`EXPERT_WORDS`]:
+//! hypothesis, theorem, scientific, peer-review) makes the score 1 and marks the request expert; one of its
+//! complex words ([`COMPLEX_WORDS`]: validate, prove, research, synthesize, evaluate) makes it at least 0.8.
 
 /// The built-in reasoning keywords (the seed plan's, and their near relatives).
 pub const DEFAULT_KEYWORDS: &[&str] = &[
@@ -42,6 +46,22 @@ pub const DEFAULT_KEYWORDS: &[&str] = &[
     "tradeoff",
     "root cause",
 ];
+
+/// The plan's expert words: a request naming one is expert work (score 1, `expert`).
+pub const EXPERT_WORDS: &[&str] = &[
+    "hypothesis",
+    "hypotheses",
+    "theorem",
+    "scientific",
+    "peer-review",
+    "peer review",
+];
+
+/// The plan's complex words: a request naming one scores at least [`COMPLEX_FLOOR`].
+pub const COMPLEX_WORDS: &[&str] = &["validate", "prove", "research", "synthesize", "evaluate"];
+
+/// The score of a request with one of the plan's complex words, at least.
+pub const COMPLEX_FLOOR: f32 = 0.8;
 
 const CODE_WORDS: &[&str] = &[
     "implement",
@@ -84,6 +104,8 @@ const WHY_MARKS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq)]
 pub struct Complexity {
     pub score: f32,
+    /// One of the plan's expert words is present.
+    pub expert: bool,
     /// Short names of the signals present, e.g. `["keywords: prove", "math"]`.
     pub signals: Vec<String>,
 }
@@ -135,8 +157,18 @@ pub fn score(text: &str, keywords: &[String], long_prompt_chars: usize) -> Compl
         score += 0.1;
         signals.push("several questions".into());
     }
+    let level = |list: &[&'static str]| list.iter().copied().find(|w| has_word(w));
+    let expert = level(EXPERT_WORDS);
+    if let Some(w) = expert {
+        score = 1.0;
+        signals.push(format!("expert: {w}"));
+    } else if let Some(w) = level(COMPLEX_WORDS) {
+        score = score.max(COMPLEX_FLOOR);
+        signals.push(format!("complex: {w}"));
+    }
     Complexity {
         score: score.min(1.0),
+        expert: expert.is_some(),
         signals,
     }
 }
@@ -236,6 +268,47 @@ mod tests {
         let mine = vec!["forecast".to_string()];
         assert!(score("Forecast tomorrow", &mine, 1500).score > 0.0);
         assert_eq!(score("Analyze this", &mine, 1500).score, 0.0);
+        assert_eq!(score("Compare this", &mine, 1500).score, 0.0);
+    }
+
+    #[test]
+    fn the_plans_expert_words_mark_a_request_expert() {
+        for t in [
+            "Is this hypothesis sound?",
+            "State the theorem",
+            "A scientific question",
+            "Peer-review my note",
+        ] {
+            let c = score(t, &kw(), 1500);
+            assert!(c.expert && c.score == 1.0, "{t}: {c:?}");
+        }
+        assert!(
+            !score("A science fair", &kw(), 1500).expert,
+            "whole words only"
+        );
+    }
+
+    #[test]
+    fn the_plans_complex_words_score_at_least_the_complex_floor() {
+        for t in [
+            "Validate this",
+            "Prove it",
+            "Research the market",
+            "Synthesize these notes",
+            "Evaluate the plan",
+        ] {
+            let c = score(t, &kw(), 1500);
+            assert!(!c.expert && c.score >= COMPLEX_FLOOR, "{t}: {c:?}");
+        }
+        // A floor, not an addition: the additive score still counts above it.
+        let c = score(
+            "Prove why 3x + 4 = 10 step by step in Python? And how?",
+            &kw(),
+            1500,
+        );
+        assert!(c.score > COMPLEX_FLOOR, "{c:?}");
+        // Configured keywords do not remove the plan's levels.
+        assert!(score("Evaluate it", &["forecast".to_string()], 1500).score >= COMPLEX_FLOOR);
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct RouteRequest {
     pub deadline: Option<Duration>,
     /// See [`complexity::score`].
     pub complexity: f32,
+    /// Expert work: `task: "validate"`, or one of the plan's expert words.
+    pub expert: bool,
+    /// Its `context` is longer than `[router] long_context_chars`.
+    pub long_context: bool,
 }
 
 /// The state of the board and the configuration that routing reads.
@@ -92,6 +96,10 @@ pub enum Reason {
     BoardBusy,
     /// The board runs on a low battery and saves it.
     LowBattery,
+    /// The request's context is longer than `[router] long_context_chars`.
+    LongContext,
+    /// Expert work (`task: "validate"`, or the plan's expert words).
+    Expert,
     /// The complexity score reached the threshold.
     Complex,
     /// Nothing called for the cloud.
@@ -109,6 +117,8 @@ impl Reason {
             Reason::Deadline => "deadline",
             Reason::BoardBusy => "board_busy",
             Reason::LowBattery => "low_battery",
+            Reason::LongContext => "long_context",
+            Reason::Expert => "expert",
             Reason::Complex => "complex",
             Reason::Simple => "simple",
             Reason::CloudOffline => "cloud_offline",
@@ -151,8 +161,9 @@ pub enum Decision {
 /// 2. `route: cloud`: the cloud when online; else deferred if `defer` and a cloud is configured; else
 ///    `cloud_unavailable`. No local fallback: the client asked for the cloud.
 /// 3. `route: auto`, with the cloud online: the cloud when the prompt does not fit locally, when the board
-///    does not admit local work, when it saves a low battery, when the deadline is shorter than the local estimate, or when the complexity
-///    reaches the threshold; else local. With the cloud offline, a request that would have gone there is
+///    does not admit local work, when it saves a low battery, when the deadline is shorter than the local
+///    estimate, when its context is long, when it is expert work, or when the complexity reaches the
+///    threshold; else local. With the cloud offline, a request that would have gone there is
 ///    deferred if `defer`, and otherwise runs locally (a too-long prompt is refused `too_long`).
 pub fn decide(req: &RouteRequest, s: &Situation) -> Decision {
     if req.private {
@@ -200,6 +211,10 @@ fn auto(req: &RouteRequest, s: &Situation) -> Decision {
             .is_some_and(|sp| sp.estimate(req.max_tokens) > d)
     }) {
         Some(Reason::Deadline)
+    } else if req.long_context {
+        Some(Reason::LongContext)
+    } else if req.expert {
+        Some(Reason::Expert)
     } else if req.complexity >= s.complexity_threshold {
         Some(Reason::Complex)
     } else {

@@ -19,6 +19,8 @@ fn req(route: Route) -> RouteRequest {
         max_tokens: 100,
         deadline: None,
         complexity: 0.0,
+        expert: false,
+        long_context: false,
     }
 }
 
@@ -58,6 +60,8 @@ fn private_requests_stay_local_whatever_else_they_ask() {
                 private: true,
                 defer: true,
                 complexity: 1.0,
+                expert: true,
+                long_context: true,
                 fit: LocalFit::TooLong {
                     prompt_tokens: 9000,
                     context: 2048,
@@ -301,4 +305,58 @@ fn the_estimate_counts_ttft_and_decode() {
     };
     assert_eq!(sp.estimate(1), Duration::from_millis(200));
     assert_eq!(sp.estimate(21), Duration::from_millis(1200));
+}
+
+/// The plan's rule: more than about 10,000 characters of context go to the cloud.
+#[test]
+fn a_long_context_goes_to_the_cloud_when_online_and_stays_private_when_private() {
+    let r = RouteRequest {
+        long_context: true,
+        ..req(Route::Auto)
+    };
+    assert_eq!(
+        decide(&r, &at(CloudState::Online)),
+        cloud(Reason::LongContext)
+    );
+    assert_eq!(
+        decide(&r, &at(CloudState::Offline)),
+        Decision::Local(Reason::CloudOffline)
+    );
+    let private = RouteRequest { private: true, ..r };
+    assert_eq!(
+        decide(&private, &at(CloudState::Online)),
+        Decision::Local(Reason::Private)
+    );
+}
+
+/// The plan's rule: validation and expert words are expert work, sent to the cloud when allowed, and run
+/// locally (saying why) when private or offline.
+#[test]
+fn expert_work_goes_to_the_cloud_when_allowed_and_says_why_when_it_stays() {
+    let r = RouteRequest {
+        expert: true,
+        ..req(Route::Auto)
+    };
+    let mut high = at(CloudState::Online);
+    high.complexity_threshold = 2.0;
+    assert_eq!(
+        decide(&r, &high),
+        cloud(Reason::Expert),
+        "whatever the threshold"
+    );
+    assert_eq!(
+        decide(&r, &at(CloudState::Offline)),
+        Decision::Local(Reason::CloudOffline)
+    );
+    assert_eq!(
+        decide(&RouteRequest { defer: true, ..r }, &at(CloudState::Offline)),
+        Decision::Defer(Reason::Expert)
+    );
+    assert_eq!(
+        decide(
+            &RouteRequest { private: true, ..r },
+            &at(CloudState::Online)
+        ),
+        Decision::Local(Reason::Private)
+    );
 }

@@ -46,6 +46,13 @@ pub enum Behavior {
     CutAfter(Vec<String>),
     /// Streams `texts`, then a `data:` line that is not JSON.
     MalformedAfter(Vec<String>),
+    /// A thinking model (kimi-k2.5 and later): `reasoning` as `reasoning_content` deltas, then `texts` as
+    /// `content`, then usage counting the reasoning in `completion_tokens` and in
+    /// `completion_tokens_details.reasoning_tokens`.
+    Think {
+        reasoning: Vec<String>,
+        texts: Vec<String>,
+    },
 }
 
 impl Behavior {
@@ -55,6 +62,15 @@ impl Behavior {
             texts: words,
             usage: UsageAt::InChoice,
             gap: Duration::ZERO,
+        }
+    }
+
+    /// A thinking model's answer: `reasoning`, then `text`, word by word.
+    pub fn think(reasoning: &str, text: &str) -> Behavior {
+        let words = |t: &str| t.split_inclusive(' ').map(str::to_string).collect();
+        Behavior::Think {
+            reasoning: words(reasoning),
+            texts: words(text),
         }
     }
 
@@ -104,7 +120,10 @@ impl FakeKimi {
             state: Arc::new((
                 Mutex::new(State {
                     default: Some(Behavior::answer("Hello from Kimi")),
-                    models: vec!["kimi-test".into(), "kimi-k2-turbo-preview".into()],
+                    // Today's list: the retired K2 previews are gone.
+                    models: ["kimi-test", "kimi-k2.6", "kimi-k2.5", "moonshot-v1-8k"]
+                        .map(String::from)
+                        .to_vec(),
                     ..Default::default()
                 }),
                 Condvar::new(),
@@ -311,6 +330,31 @@ fn handle(
             continue;
         };
         let model = body["model"].as_str().unwrap_or("?").to_string();
+        // As Moonshot does: an id the account does not list is 404, and K2.5 and later refuse a temperature or
+        // top_p of their own.
+        let listed = state.0.lock().unwrap().models.contains(&model);
+        let fixed = model.starts_with("kimi-k2.5") || model.starts_with("kimi-k2.6");
+        let refusal = if !listed {
+            Some((
+                404,
+                "resource_not_found_error",
+                format!("Not found the model {model}"),
+            ))
+        } else if fixed && (body.get("temperature").is_some() || body.get("top_p").is_some()) {
+            Some((
+                400,
+                "invalid_request_error",
+                "invalid temperature: only 1 is allowed for this model".to_string(),
+            ))
+        } else {
+            None
+        };
+        if let Some((status, kind, message)) = refusal {
+            let b = json!({"error": {"type": kind, "message": message}});
+            let _ = respond(&mut conn, status, &[], &b.to_string());
+            record(Instant::now());
+            continue;
+        }
         match b {
             Behavior::Error {
                 status,
@@ -332,6 +376,34 @@ fn handle(
             Behavior::Stream { texts, usage, gap } => {
                 let ok = stream(&mut conn, &model, &texts, gap)
                     .and_then(|_| finish(&mut conn, &model, usage));
+                record(Instant::now());
+                if ok.is_err() {
+                    return;
+                }
+            }
+            Behavior::Think { reasoning, texts } => {
+                let ok = stream_reasoning(&mut conn, &model, &reasoning)
+                    .and_then(|_| {
+                        for t in &texts {
+                            chunk(
+                                &mut conn,
+                                &event(&model, json!([{"index": 0, "delta": {"content": t}}]), None),
+                            )?;
+                        }
+                        Ok(())
+                    })
+                    .and_then(|_| {
+                        let r = reasoning.len();
+                        let u = json!({"prompt_tokens": 11, "completion_tokens": r + texts.len(),
+                            "total_tokens": 11 + r + texts.len(),
+                            "completion_tokens_details": {"reasoning_tokens": r}});
+                        chunk(
+                            &mut conn,
+                            &event(&model, json!([{"index": 0, "delta": {}, "finish_reason": "stop", "usage": u}]), None),
+                        )
+                    })
+                    .and_then(|_| chunk(&mut conn, "data: [DONE]\n\n"))
+                    .and_then(|_| conn.write_all(b"0\r\n\r\n"));
                 record(Instant::now());
                 if ok.is_err() {
                     return;
@@ -429,6 +501,26 @@ fn stream(
         chunk(
             conn,
             &event(model, json!([{"index": 0, "delta": {"content": t}}]), None),
+        )?;
+    }
+    Ok(())
+}
+
+/// The response head and the reasoning deltas of a thinking model (`content` is absent while it reasons).
+fn stream_reasoning(
+    conn: &mut TcpStream,
+    model: &str,
+    reasoning: &[String],
+) -> std::io::Result<()> {
+    stream(conn, model, &[], Duration::ZERO)?;
+    for r in reasoning {
+        chunk(
+            conn,
+            &event(
+                model,
+                json!([{"index": 0, "delta": {"reasoning_content": r}}]),
+                None,
+            ),
         )?;
     }
     Ok(())

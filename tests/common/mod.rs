@@ -271,15 +271,27 @@ impl Client {
     /// Reads replies until the terminal one for `id`; returns its streamed texts and the terminal reply.
     /// Replies for other ids are skipped.
     pub fn finish(&mut self, id: &Value) -> (Vec<String>, Value) {
-        let mut tokens = vec![];
+        let (_, tokens, end) = self.finish_thinking(id);
+        (tokens, end)
+    }
+
+    /// Like [`Client::finish`], with the `reasoning` replies apart: (reasoning, tokens, terminal reply). A
+    /// reasoning reply after the first token fails the test.
+    pub fn finish_thinking(&mut self, id: &Value) -> (Vec<String>, Vec<String>, Value) {
+        let (mut reasoning, mut tokens) = (vec![], vec![]);
         loop {
             let r = self.recv();
             if &r["id"] != id {
                 continue;
             }
+            let text = || r["text"].as_str().unwrap().to_string();
             match r["type"].as_str() {
-                Some("token") => tokens.push(r["text"].as_str().unwrap().to_string()),
-                Some("done") | Some("error") | Some("deferred") => return (tokens, r),
+                Some("token") => tokens.push(text()),
+                Some("reasoning") => {
+                    assert!(tokens.is_empty(), "reasoning after the answer began: {r}");
+                    reasoning.push(text())
+                }
+                Some("done") | Some("error") | Some("deferred") => return (reasoning, tokens, r),
                 other => panic!("unexpected reply type {other:?}: {r}"),
             }
         }

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::timeout_at;
 
-use super::{read_capped, transport_error, Attempt, CloudAnswer, KimiClient};
+use super::{read_capped, transport_error, Attempt, CloudAnswer, KimiClient, Piece};
 use crate::cloud::wire::{self, StreamItem};
 use crate::cloud::{Cause, CloudError};
 
@@ -17,8 +17,9 @@ impl KimiClient {
     pub(super) async fn attempt(
         &self,
         body: &[u8],
+        model: &str,
         limit: (Instant, bool),
-        tokens: &UnboundedSender<String>,
+        tokens: &UnboundedSender<Piece>,
         started: Instant,
     ) -> Attempt {
         let failed = |error| Attempt::Failed {
@@ -51,7 +52,17 @@ impl KimiClient {
             return failed(wire::http_error(status.as_u16(), &body, retry_after));
         }
         let mut events = resp.bytes_stream().eventsource();
+        // Passes a piece on (the first one sets the time to first token); false when the requester went away.
+        let relay = |p: Piece, ttft: &mut Option<std::time::Duration>| {
+            ttft.get_or_insert_with(|| started.elapsed());
+            tokens.send(p).is_ok()
+        };
+        let gone = || Attempt::Failed {
+            error: CloudError::new(Cause::Cancelled, "the requester went away"),
+            relayed: true,
+        };
         let mut text = String::new();
+        let mut reasoning = String::new();
         let mut ttft = None;
         let mut usage = None;
         let mut finish: Option<String> = None;
@@ -62,7 +73,7 @@ impl KimiClient {
                 self.cfg.first_byte_timeout
             };
             let until = (Instant::now() + idle).min(limit.0);
-            let relayed = !text.is_empty();
+            let relayed = !text.is_empty() || !reasoning.is_empty();
             let ev = match timeout_at(until.into(), events.next()).await {
                 Err(_) => {
                     return Attempt::Failed {
@@ -75,6 +86,8 @@ impl KimiClient {
                         // Some servers close right after the finish chunk; the answer is whole.
                         Some(reason) => Attempt::Done(CloudAnswer {
                             text,
+                            reasoning,
+                            model: model.to_string(),
                             finish_reason: reason,
                             usage,
                             cached: false,
@@ -110,17 +123,19 @@ impl KimiClient {
             };
             for item in items {
                 match item {
-                    StreamItem::Text(t) if !t.is_empty() => {
-                        ttft.get_or_insert_with(|| started.elapsed());
+                    StreamItem::Text(t) | StreamItem::Reasoning(t) if t.is_empty() => {}
+                    StreamItem::Text(t) => {
                         text.push_str(&t);
-                        if tokens.send(t).is_err() {
-                            return Attempt::Failed {
-                                error: CloudError::new(Cause::Cancelled, "the requester went away"),
-                                relayed: true,
-                            };
+                        if !relay(Piece::Text(t), &mut ttft) {
+                            return gone();
                         }
                     }
-                    StreamItem::Text(_) => {}
+                    StreamItem::Reasoning(t) => {
+                        reasoning.push_str(&t);
+                        if !relay(Piece::Reasoning(t), &mut ttft) {
+                            return gone();
+                        }
+                    }
                     StreamItem::Finish { reason, usage: u } => {
                         finish = Some(reason);
                         usage = u.or(usage);
@@ -129,6 +144,8 @@ impl KimiClient {
                     StreamItem::Done => {
                         return Attempt::Done(CloudAnswer {
                             text,
+                            reasoning,
+                            model: model.to_string(),
                             finish_reason: finish.unwrap_or_else(|| "stop".into()),
                             usage,
                             cached: false,

@@ -29,6 +29,8 @@ fn request(text: &str) -> TaskRequest {
         temperature: None,
         top_p: None,
         stop: vec![],
+        thinking: None,
+        json: false,
     }
 }
 
