@@ -34,6 +34,15 @@ impl Rows<'_> {
             Rows::F16(v) => v.len(),
         }
     }
+
+    /// Bytes of one stored value.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the x86 path prefetches
+    fn value_bytes(&self) -> usize {
+        match self {
+            Rows::F32(_) => 4,
+            Rows::F16(_) => 2,
+        }
+    }
 }
 
 /// Running softmax state of one query over the keys seen so far: the largest score `m`, the sum `l` of
@@ -135,6 +144,9 @@ pub struct Page<'a> {
     pub head_dim: usize,
     /// Score multiplier (`1/sqrt(head_dim)`).
     pub scale: f32,
+    /// The keys of the page read next, if any: fetched into the cache while this page's values are read, so
+    /// that the next page starts on keys already on their way (a hint; no result depends on it).
+    pub next_keys: Option<Rows<'a>>,
 }
 
 /// Folds `page` into the states of up to [`QUERY_TILE`] queries: query `i` (`head_dim` values at `queries[i]`)

@@ -109,6 +109,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => {
                 std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vnni")
                     && std::arch::is_x86_feature_detected!("avx512vl")
             }

@@ -332,12 +332,13 @@ fn attend(
     let nq = tokens.len() * group;
     let mut qs: Vec<&[f32]> = Vec::with_capacity(QUERY_TILE);
     let mut visible = Vec::with_capacity(QUERY_TILE);
-    for page in pages {
+    for page in pages.clone() {
         let n = view.rows_in(page);
         if n == 0 {
             break;
         }
         let start = page * PAGE;
+        let next = page + 1;
         let block = Page {
             keys: view.keys(g, page),
             values: view.values(g, page),
@@ -345,6 +346,7 @@ fn attend(
             stride: PAGE,
             head_dim: hd,
             scale: c.scale,
+            next_keys: (next < pages.end && view.rows_in(next) > 0).then(|| view.keys(g, next)),
         };
         for tile in (0..nq).step_by(QUERY_TILE) {
             let end = (tile + QUERY_TILE).min(nq);

@@ -116,6 +116,8 @@ fn pages_and_merged_ranges_give_softmax_attention() {
                         stride: 32,
                         head_dim: hd,
                         scale,
+                        // Any keys: a prefetch hint must not change a result.
+                        next_keys: Some(Rows::F32(&kt)),
                     };
                     let vis: Vec<usize> = total
                         .iter()
@@ -159,6 +161,7 @@ fn pages_and_merged_ranges_give_softmax_attention() {
                 stride: 32,
                 head_dim: hd,
                 scale,
+                next_keys: None,
             };
             let mut s = Softmax::new(hd);
             update(&[&qs[0]], &[len], &page, &mut [&mut s]);

@@ -96,6 +96,15 @@ unsafe fn tile<const Q: usize>(
             let block = d0 * stride;
             for j in 0..most {
                 prefetch(page.values, block + DIM_BLOCK * stride + j * DIM_BLOCK);
+                // Over the value passes, one line of the next page's keys per step: its first key blocks are
+                // in the cache when its key pass starts, instead of waiting for the prefetchers to find them.
+                if let Some(next) = page.next_keys {
+                    let line = (d0 / DIM_BLOCK) * most + j;
+                    let per_line = 64 / next.value_bytes();
+                    if line * per_line < next.len() {
+                        prefetch(next, line * per_line);
+                    }
+                }
                 let v0 = load8(page.values, block + j * DIM_BLOCK);
                 let v1 = load8(page.values, block + j * DIM_BLOCK + 8);
                 for q in 0..Q {
