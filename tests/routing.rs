@@ -698,3 +698,58 @@ fn an_explicit_model_the_account_does_not_offer_keeps_the_cloud_off() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("cloud: model kimi-k2.6"));
 }
+
+/// On MQTT too, a thinking model's reasoning arrives as `reasoning` messages on the reply address, all before
+/// the answer's tokens, and the terminal `done` counts it apart.
+#[test]
+fn mqtt_requests_get_the_reasoning_as_its_own_messages() {
+    use bytes::Bytes;
+    use common::broker::{Broker, V5};
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+    let kimi = FakeKimi::start();
+    kimi.set_default(Behavior::think("Pumps wear. ", "Check the bearing."));
+    let cfg = config(&kimi, "").replace("model = \"kimi-test\"", "model = \"auto\"");
+    let broker = Broker::rumqttd();
+    let d = Daemon::start_with(&broker.daemon_config("think", &cfg), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    let dev = V5::connect(broker.port, "dev-think");
+    dev.subscribe("dev/think/answers");
+    dev.subscribe("bitnetd/think/status");
+    dev.wait_status("bitnetd/think", "online", Duration::from_secs(30));
+    let props = PublishProperties {
+        response_topic: Some("dev/think/answers".into()),
+        correlation_data: Some(Bytes::from_static(b"t")),
+        ..Default::default()
+    };
+    let q = json!({"id": "m1", "prompt": COMPLEX, "max_tokens": 8});
+    dev.publish("bitnetd/think/request", q.to_string().as_bytes(), props);
+    let (mut kinds, mut reasoning, mut tokens) = (vec![], String::new(), String::new());
+    let done = loop {
+        let v = dev
+            .expect_on("dev/think/answers", Duration::from_secs(30))
+            .json();
+        match v["type"].as_str() {
+            Some("reasoning") => reasoning.push_str(v["text"].as_str().unwrap()),
+            Some("token") => tokens.push_str(v["text"].as_str().unwrap()),
+            _ => break v,
+        }
+        kinds.push(v["type"].as_str().unwrap().to_string());
+    };
+    assert_eq!(done["type"], "done", "{done}");
+    let first_token = kinds
+        .iter()
+        .position(|k| k == "token")
+        .unwrap_or(kinds.len());
+    assert!(
+        kinds[first_token..].iter().all(|k| k == "token"),
+        "reasoning after the answer began: {kinds:?}"
+    );
+    assert_eq!(
+        (reasoning.as_str(), tokens.as_str()),
+        ("Pumps wear. ", "Check the bearing.")
+    );
+    assert_eq!(done["usage"]["reasoning_tokens"], 2, "{done}");
+    assert_eq!(done["model"], "kimi-k2.6");
+}
