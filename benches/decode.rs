@@ -1,7 +1,7 @@
 //! Decode benchmark: a model directory end to end, every figure of the engine's goals in one run.
 //!
 //!   cargo bench --bench decode -- [--model DIR] [--threads N] [--prompt-tokens 128] [--long-prompt 1500]
-//!                                 [--tokens 32] [--runs 3] [--kv f16|f32] [--weights loaded|mapped]
+//!                                 [--tokens 32] [--runs 3] [--kv f16|i8|f32] [--weights loaded|mapped]
 //!                                 [--output-layer screened|exact] [--contended] [--sweep]
 //!
 //! It reports, as one line of JSON and a few human lines:
@@ -185,7 +185,7 @@ fn main() {
             "--tokens" => tokens = val().parse().unwrap(),
             "--threads" => opts.threads = val().parse().unwrap(),
             "--runs" => runs = val().parse().unwrap(),
-            "--kv" => opts.kv_format = KvFormat::parse(&val()).expect("--kv f16|f32"),
+            "--kv" => opts.kv_format = KvFormat::parse(&val()).expect("--kv f16|i8|f32"),
             "--weights" => {
                 opts.residency = WeightResidency::parse(&val()).expect("--weights loaded|mapped")
             }

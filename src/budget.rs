@@ -50,7 +50,7 @@ impl MemoryEstimate {
                 OutputLayer::Exact => 0,
             };
         let positions = meta.context_length.div_ceil(PAGE) * PAGE;
-        let kv_bytes = 2 * a.layers * a.kv_heads * a.head_dim * positions * kv.bytes();
+        let kv_bytes = a.layers * positions * kv.position_bytes(a.kv_heads, a.head_dim);
         Ok(MemoryEstimate {
             weights: (size(ONNX_FILE)? + data).saturating_sub(in_file),
             kv_per_slot: kv_bytes as u64,

@@ -1,10 +1,12 @@
 //! The KV cache of one attention layer of one session: keys and values in pages of [`PAGE`] positions, stored as
-//! f32 or f16 ([`KvFormat`]), appended in place (never regrown) and read a page at a time.
+//! f32, f16 or int8 with a scale per position and head ([`KvFormat`]), appended in place (never regrown) and read
+//! a page at a time.
 //!
 //! A page holds, for each KV head, its keys, then for each KV head its values, each in the blocked layout the
 //! attention kernels stream (`kernels::attention::key_index` and `value_index`: keys in blocks of 16 positions,
 //! dimension-major inside a block, so that scores are plain vector products with no horizontal sums; values in
-//! blocks of 16 dimensions, position-major inside). Attention jobs read the cache through a [`KvView`], a
+//! blocks of 16 dimensions, position-major inside). An int8 page then holds, after the codes, each KV head's key
+//! scales and then its value scales (f32, one per position). Attention jobs read the cache through a [`KvView`], a
 //! snapshot of the pages and the length; pages are shared by `Arc`, so a view taken by a job that outlives its step (see
 //! `crate::team`) keeps what it reads alive. The cache writes a page only while no view holds it; a page still
 //! held (by a late helper) is copied first, so appending never races with readers.
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use memmap2::MmapMut;
 
 pub use crate::kernels::attention::Rows;
-use crate::kernels::attention::{key_index, value_index};
+use crate::kernels::attention::{key_index, quantize_i8, value_index};
 use crate::kernels::f16;
 
 /// Positions per page.
@@ -39,27 +41,45 @@ pub enum KvFormat {
     /// IEEE half precision, rounded to nearest: half the memory and half the bytes read per decode step.
     #[default]
     F16,
+    /// Int8 with one f32 scale per position and KV head (`max |x| / 127`): a quarter of f32's bytes (and 1/32
+    /// more for the scales), so a long context costs attention half of what f16 does.
+    I8,
 }
 
 impl KvFormat {
-    /// Bytes per stored value.
+    /// Bytes per stored value (an int8 row's scale apart, see [`KvFormat::scale_bytes`]).
     pub fn bytes(self) -> usize {
         match self {
             KvFormat::F32 => 4,
             KvFormat::F16 => 2,
+            KvFormat::I8 => 1,
         }
+    }
+
+    /// Bytes of scale per position, KV head, and keys or values.
+    pub fn scale_bytes(self) -> usize {
+        match self {
+            KvFormat::I8 => 4,
+            _ => 0,
+        }
+    }
+
+    /// Bytes one position takes in one layer: keys and values of `kv_heads` heads of `head_dim`, scales included.
+    pub fn position_bytes(self, kv_heads: usize, head_dim: usize) -> usize {
+        2 * kv_heads * (head_dim * self.bytes() + self.scale_bytes())
     }
 
     pub fn name(self) -> &'static str {
         match self {
             KvFormat::F32 => "f32",
             KvFormat::F16 => "f16",
+            KvFormat::I8 => "i8",
         }
     }
 
-    /// The format named `name` (`f32` or `f16`).
+    /// The format named `name` (`f32`, `f16` or `i8`).
     pub fn parse(name: &str) -> Option<KvFormat> {
-        [KvFormat::F32, KvFormat::F16]
+        [KvFormat::F32, KvFormat::F16, KvFormat::I8]
             .into_iter()
             .find(|f| f.name() == name)
     }
@@ -94,6 +114,29 @@ impl Page {
     fn f16s(&self) -> &[u16] {
         // SAFETY: page-aligned, and every bit pattern is a u16.
         unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast(), self.data.len() / 2) }
+    }
+
+    /// The codes and the scales of an int8 page whose codes take `codes` bytes.
+    fn i8s(&self, codes: usize) -> (&[i8], &[f32]) {
+        let (c, s) = self.data.split_at(codes);
+        // SAFETY: `codes` is a multiple of 4 on a page-aligned mapping; every bit pattern is an i8 or an f32.
+        unsafe {
+            (
+                std::slice::from_raw_parts(c.as_ptr().cast(), c.len()),
+                std::slice::from_raw_parts(s.as_ptr().cast(), s.len() / 4),
+            )
+        }
+    }
+
+    fn i8s_mut(&mut self, codes: usize) -> (&mut [i8], &mut [f32]) {
+        let (c, s) = self.data.split_at_mut(codes);
+        // SAFETY: as `i8s`, with the exclusive borrow of the mapping.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(c.as_mut_ptr().cast(), c.len()),
+                std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len() / 4),
+            )
+        }
     }
 
     fn f32s_mut(&mut self) -> &mut [f32] {
@@ -133,7 +176,17 @@ impl KvShape {
     }
 
     fn page_bytes(&self) -> usize {
-        self.page_values() * self.format.bytes()
+        PAGE * self.bytes_per_position()
+    }
+
+    /// Bytes of an int8 page's codes (its scales follow).
+    fn codes_bytes(&self) -> usize {
+        self.page_values()
+    }
+
+    /// Offset of head `head`'s key scales (values: `kv_heads + head`) among an int8 page's scales.
+    fn scales_offset(&self, head: usize) -> usize {
+        head * PAGE
     }
 
     /// Offset of head `head`'s keys inside a page.
@@ -148,7 +201,7 @@ impl KvShape {
 
     /// Bytes one position takes in one layer (keys and values of every KV head).
     pub fn bytes_per_position(&self) -> usize {
-        2 * self.kv_heads * self.head_dim * self.format.bytes()
+        self.format.position_bytes(self.kv_heads, self.head_dim)
     }
 }
 
@@ -179,7 +232,7 @@ impl KvCache {
 
     /// Bytes allocated (whole pages).
     pub fn bytes(&self) -> usize {
-        self.pages.len() * self.shape.page_values() * self.shape.format.bytes()
+        self.pages.len() * self.shape.page_bytes()
     }
 
     /// Appends `n` positions: `keys` and `values` are `n` rows of `kv_heads * head_dim` values each, head-major
@@ -188,6 +241,7 @@ impl KvCache {
         let (kvh, hd) = (self.shape.kv_heads, self.shape.head_dim);
         assert!(keys.len() == n * kvh * hd && values.len() == n * kvh * hd);
         let (mut kbits, mut vbits) = (vec![0u16; hd], vec![0u16; hd]);
+        let (mut kq, mut vq) = (vec![0i8; hd], vec![0i8; hd]);
         for t in 0..n {
             let pos = self.len + t;
             let (page, row) = (pos / PAGE, pos % PAGE);
@@ -217,6 +271,16 @@ impl KvCache {
                             dst[ko + key_index(row, d, hd)] = kbits[d];
                             dst[vo + value_index(row, d, hd, PAGE)] = vbits[d];
                         }
+                    }
+                    KvFormat::I8 => {
+                        let (ks, vs) = (quantize_i8(k, &mut kq), quantize_i8(v, &mut vq));
+                        let (codes, scales) = p.i8s_mut(self.shape.codes_bytes());
+                        for d in 0..hd {
+                            codes[ko + key_index(row, d, hd)] = kq[d];
+                            codes[vo + value_index(row, d, hd, PAGE)] = vq[d];
+                        }
+                        scales[self.shape.scales_offset(h) + row] = ks;
+                        scales[self.shape.scales_offset(kvh + h) + row] = vs;
                     }
                 }
             }
@@ -283,11 +347,7 @@ impl KvView {
 
     /// Head `head`'s keys in page `page`, at `key_index` (positions past [`KvView::rows_in`] are zero).
     pub fn keys(&self, head: usize, page: usize) -> Rows<'_> {
-        self.slice(
-            page,
-            self.shape.keys_offset(head),
-            self.shape.head_dim * PAGE,
-        )
+        self.slice(page, self.shape.keys_offset(head), head)
     }
 
     /// Head `head`'s values in page `page`, at `value_index` for [`PAGE`] positions.
@@ -295,15 +355,24 @@ impl KvView {
         self.slice(
             page,
             self.shape.values_offset(head),
-            self.shape.head_dim * PAGE,
+            self.shape.kv_heads + head,
         )
     }
 
-    fn slice(&self, page: usize, off: usize, n: usize) -> Rows<'_> {
-        let p = &self.pages[page];
+    /// `head_dim * PAGE` values at `off`; for int8, with the scales of scale set `set`.
+    fn slice(&self, page: usize, off: usize, set: usize) -> Rows<'_> {
+        let (p, n) = (&self.pages[page], self.shape.head_dim * PAGE);
         match self.shape.format {
             KvFormat::F32 => Rows::F32(&p.f32s()[off..off + n]),
             KvFormat::F16 => Rows::F16(&p.f16s()[off..off + n]),
+            KvFormat::I8 => {
+                let (codes, scales) = p.i8s(self.shape.codes_bytes());
+                let s = self.shape.scales_offset(set);
+                Rows::I8 {
+                    q: &codes[off..off + n],
+                    scales: &scales[s..s + PAGE],
+                }
+            }
         }
     }
 }
@@ -318,7 +387,7 @@ mod tests {
 
     #[test]
     fn appended_rows_read_back_by_head_and_page() {
-        for format in [KvFormat::F32, KvFormat::F16] {
+        for format in [KvFormat::F32, KvFormat::F16, KvFormat::I8] {
             let shape = KvShape {
                 kv_heads: 2,
                 head_dim: 8,
@@ -331,40 +400,62 @@ mod tests {
             let (k2, v2) = (rows(30, 16, 500.0), rows(30, 16, 1500.0));
             c.append(&k2, &v2, 30);
             assert_eq!(c.len(), 80);
-            assert_eq!(c.bytes(), 2 * shape.page_values() * format.bytes());
+            assert_eq!(c.bytes(), 2 * shape.page_bytes());
             let view = c.view();
             let (keys, values) = ([k1, k2].concat(), [v1, v2].concat());
-            let stored = |r: Rows<'_>| -> Vec<f32> {
+            // Values as stored, dequantized (an int8 code times its position's scale), and the scales.
+            let stored = |r: Rows<'_>, keys: bool| -> (Vec<f32>, Vec<f32>) {
                 match r {
-                    Rows::F32(v) => v.to_vec(),
-                    Rows::F16(v) => v
-                        .iter()
-                        .map(|&b| half::f16::from_bits(b).to_f32())
-                        .collect(),
+                    Rows::F32(v) => (v.to_vec(), vec![]),
+                    Rows::F16(v) => (
+                        v.iter()
+                            .map(|&b| half::f16::from_bits(b).to_f32())
+                            .collect(),
+                        vec![],
+                    ),
+                    Rows::I8 { q, scales } => {
+                        let mut v = vec![0f32; q.len()];
+                        for (j, &scale) in scales.iter().enumerate().take(PAGE) {
+                            for d in 0..8 {
+                                let i = if keys {
+                                    key_index(j, d, 8)
+                                } else {
+                                    value_index(j, d, 8, PAGE)
+                                };
+                                v[i] = q[i] as f32 * scale;
+                            }
+                        }
+                        (v, scales.to_vec())
+                    }
                 }
             };
-            let rounded = |w: f32| match format {
-                KvFormat::F32 => w,
-                KvFormat::F16 => half::f16::from_f32(w).to_f32(),
+            // Within rounding: exact for f32, f16's rounding, half an int8 step of the row's scale.
+            let close = |got: f32, want: f32, scale: f32| match format {
+                KvFormat::F32 => got == want,
+                KvFormat::F16 => got == half::f16::from_f32(want).to_f32(),
+                KvFormat::I8 => (got - want).abs() <= scale * 0.5 + 1e-4,
             };
             for head in 0..2 {
                 for page in 0..2 {
-                    let k = stored(view.keys(head, page));
-                    let v = stored(view.values(head, page));
+                    let (k, ks) = stored(view.keys(head, page), true);
+                    let (v, vs) = stored(view.values(head, page), false);
                     assert_eq!((k.len(), v.len()), (PAGE * 8, PAGE * 8));
                     for r in 0..view.rows_in(page) {
                         let pos = page * PAGE + r;
+                        let (sk, sv) = (ks.get(r).copied(), vs.get(r).copied());
                         for d in 0..8 {
                             let i = (pos * 2 + head) * 8 + d;
-                            assert_eq!(
-                                k[key_index(r, d, 8)],
-                                rounded(keys[i]),
-                                "{format} key {pos} {d}"
+                            let got = k[key_index(r, d, 8)];
+                            assert!(
+                                close(got, keys[i], sk.unwrap_or(0.0)),
+                                "{format} key {pos} {d}: {got} for {}",
+                                keys[i]
                             );
-                            assert_eq!(
-                                v[value_index(r, d, 8, PAGE)],
-                                rounded(values[i]),
-                                "{format} value {pos} {d}"
+                            let got = v[value_index(r, d, 8, PAGE)];
+                            assert!(
+                                close(got, values[i], sv.unwrap_or(0.0)),
+                                "{format} value {pos} {d}: {got} for {}",
+                                values[i]
                             );
                         }
                     }
@@ -387,5 +478,11 @@ mod tests {
             format: KvFormat::F16,
         };
         assert_eq!(s.bytes_per_position(), 2 * 5 * 128 * 2);
+        let i8 = KvShape {
+            format: KvFormat::I8,
+            ..s
+        };
+        assert_eq!(i8.bytes_per_position(), 2 * 5 * (128 + 4));
+        assert_eq!(KvFormat::parse("i8"), Some(KvFormat::I8));
     }
 }

@@ -20,11 +20,17 @@ pub const DIM_BLOCK: usize = 16;
 /// The most keys one update takes (a KV cache page).
 pub const MAX_KEYS: usize = 64;
 
-/// Stored keys or values: f32, or f16 bit patterns.
+/// Stored keys or values: f32, f16 bit patterns, or int8 with one scale per position.
 #[derive(Debug, Clone, Copy)]
 pub enum Rows<'a> {
     F32(&'a [f32]),
     F16(&'a [u16]),
+    /// `q` at the usual index; the value is `q * scales[position]` (the page's positions, in order). The
+    /// kernels load `q` as it is and apply the scales to the scores (keys) or the weights (values).
+    I8 {
+        q: &'a [i8],
+        scales: &'a [f32],
+    },
 }
 
 impl Rows<'_> {
@@ -32,6 +38,15 @@ impl Rows<'_> {
         match self {
             Rows::F32(v) => v.len(),
             Rows::F16(v) => v.len(),
+            Rows::I8 { q, .. } => q.len(),
+        }
+    }
+
+    /// The per-position scales of int8 rows.
+    fn scales(&self) -> Option<&[f32]> {
+        match self {
+            Rows::I8 { scales, .. } => Some(scales),
+            _ => None,
         }
     }
 
@@ -41,6 +56,7 @@ impl Rows<'_> {
         match self {
             Rows::F32(_) => 4,
             Rows::F16(_) => 2,
+            Rows::I8 { .. } => 1,
         }
     }
 }
@@ -160,6 +176,9 @@ pub fn update(queries: &[&[f32]], visible: &[usize], page: &Page<'_>, states: &m
     assert!(page.stride.is_multiple_of(KEY_BLOCK) && n <= page.stride);
     assert!(page.keys.len() >= n.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd);
     assert!(page.values.len() >= page.stride * hd);
+    assert!([page.keys, page.values]
+        .iter()
+        .all(|r| r.scales().is_none_or(|s| s.len() >= n)));
     let simd = hd.is_multiple_of(DIM_BLOCK);
     #[cfg(target_arch = "x86_64")]
     if simd
@@ -177,6 +196,44 @@ pub fn update(queries: &[&[f32]], visible: &[usize], page: &Page<'_>, states: &m
     }
     let _ = simd;
     portable::update(queries, visible, page, states)
+}
+
+/// Quantizes one position's `head_dim` values to int8 with one scale, `max |x| / 127` (rounded to nearest):
+/// returns the scale (0 for an all-zero row, whose codes are then 0).
+pub fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        q.fill(0);
+        return if amax.is_finite() { 0.0 } else { amax };
+    }
+    let inv = 127.0 / amax;
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    amax / 127.0
+}
+
+/// Multiplies each query's `scores[..n]` by the rows' per-position scales, when they have them: for keys, the
+/// raw products become scores; for values, the softmax weights take the values' scales (after the softmax step,
+/// so that its sum does not).
+#[inline(always)]
+fn per_position(
+    scores: &mut [[f32; MAX_KEYS]; QUERY_TILE],
+    queries: usize,
+    n: usize,
+    rows: Rows<'_>,
+) {
+    if let Some(scales) = rows.scales() {
+        for s in scores.iter_mut().take(queries) {
+            for (v, &k) in s[..n].iter_mut().zip(scales) {
+                // Flushed to zero below the normal range: `exp` keeps masked weights at ~1e-38, and a scale
+                // would take them subnormal, where every FMA over them costs a microcode assist (measured: the
+                // int8 path at a third of its speed).
+                let x = *v * k;
+                *v = if x.abs() < f32::MIN_POSITIVE { 0.0 } else { x };
+            }
+        }
+    }
 }
 
 /// The softmax step between scores and values: turns `scores[i][..n]` into weights `exp(s - m)` (zero past

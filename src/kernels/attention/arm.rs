@@ -17,6 +17,13 @@ unsafe fn load8(r: Rows<'_>, i: usize) -> (float32x4_t, float32x4_t) {
                 vld1q_f32(v.as_ptr().add(i + 4)),
             ),
             Rows::F16(v) => crate::kernels::f16::arm::widen(vld1q_u16(v.as_ptr().add(i))),
+            Rows::I8 { q, .. } => {
+                let w = vmovl_s8(vld1_s8(q.as_ptr().add(i)));
+                (
+                    vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))),
+                    vcvtq_f32_s32(vmovl_high_s16(w)),
+                )
+            }
         }
     }
 }
@@ -71,7 +78,9 @@ unsafe fn tile<const Q: usize>(
                 }
             }
         }
+        per_position(&mut scores, Q, n, page.keys);
         softmax_step(&mut scores, n, visible, states);
+        per_position(&mut scores, Q, n, page.values);
         let most = visible.iter().copied().max().unwrap_or(0);
         for d0 in (0..hd).step_by(DIM_BLOCK) {
             let mut acc = [[vdupq_n_f32(0.0); 4]; Q];

@@ -6,6 +6,8 @@ fn key(r: Rows<'_>, i: usize) -> f32 {
     match r {
         Rows::F32(v) => v[i],
         Rows::F16(v) => half::f16::from_bits(v[i]).to_f32(),
+        // The position's scale is applied by `per_position`.
+        Rows::I8 { q, .. } => q[i] as f32,
     }
 }
 
@@ -26,7 +28,9 @@ pub(super) fn update(
             *score = s * page.scale;
         }
     }
+    per_position(&mut scores, queries.len(), n, page.keys);
     softmax_step(&mut scores, n, visible, states);
+    per_position(&mut scores, queries.len(), n, page.values);
     for (i, st) in states.iter_mut().enumerate() {
         for (j, &p) in scores[i][..visible[i]].iter().enumerate() {
             for (d, a) in st.acc.iter_mut().enumerate() {

@@ -15,6 +15,20 @@ fn exp_is_within_two_ulps() {
     assert!(exp(f32::NEG_INFINITY) < 1e-37);
 }
 
+#[test]
+fn int8_rows_keep_each_value_within_half_a_step_of_its_scale() {
+    let x = data(128, 3);
+    let mut q = vec![0i8; 128];
+    let s = quantize_i8(&x, &mut q);
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!((s * 127.0 - amax).abs() < 1e-6);
+    for (&c, &v) in q.iter().zip(&x) {
+        assert!((c as f32 * s - v).abs() <= s * 0.5 + 1e-6, "{v} as {c}");
+    }
+    assert_eq!(quantize_i8(&[0.0; 4], &mut q[..4]), 0.0);
+    assert_eq!(&q[..4], &[0; 4]);
+}
+
 /// Softmax attention computed directly, in f64, over row-major keys.
 fn reference(q: &[f32], keys: &[f32], values: &[f32], n: usize, hd: usize, scale: f32) -> Vec<f32> {
     let s: Vec<f64> = (0..n)
@@ -83,6 +97,37 @@ fn layout_indices_are_a_bijection() {
     }
 }
 
+/// Row-major `hd`-wide rows quantized a row (a position) at a time: codes, scales, dequantized values.
+fn quantized(v: &[f32], hd: usize) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+    let mut q = vec![0i8; v.len()];
+    let mut scales = vec![];
+    for (row, out) in v.chunks(hd).zip(q.chunks_mut(hd)) {
+        scales.push(quantize_i8(row, out));
+    }
+    let dq = q
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| c as f32 * scales[i / hd])
+        .collect();
+    (q, scales, dq)
+}
+
+/// Int8 rows in the page layout: keys at `key_index`, values at `value_index`.
+fn layout_i8(v: &[i8], n: usize, hd: usize, stride: usize, keys: bool) -> Vec<i8> {
+    let mut out = vec![0i8; hd * stride];
+    for j in 0..n {
+        for d in 0..hd {
+            let at = if keys {
+                key_index(j, d, hd)
+            } else {
+                value_index(j, d, hd, stride)
+            };
+            out[at] = v[j * hd + d];
+        }
+    }
+    out
+}
+
 fn round16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
 }
@@ -99,19 +144,38 @@ fn pages_and_merged_ranges_give_softmax_attention() {
         let qs: Vec<Vec<f32>> = (0..3).map(|i| data(hd, 10 + i)).collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let total = [37usize, 20, 1];
-        for f16 in [false, true] {
+        for format in ["f32", "f16", "i8"] {
+            // Int8 rows: one scale per position; the reference sees the dequantized values.
+            let (ki8, ks, kdq) = quantized(&keys, hd);
+            let (vi8, vs, vdq) = quantized(&values, hd);
             for path in ["dispatch", "portable"] {
                 let mut states: Vec<Softmax> = (0..3).map(|_| Softmax::new(hd)).collect();
                 for (start, len) in [(0usize, 16usize), (16, 21)] {
                     let (kt, kt16, v, v16) =
                         pages(&keys[start * hd..], &values[start * hd..], len, hd, 32);
+                    let (kq, vq) = (
+                        layout_i8(&ki8[start * hd..], len, hd, 32, true),
+                        layout_i8(&vi8[start * hd..], len, hd, 32, false),
+                    );
+                    let rows = |f: &'static str, t: &'static str| -> Rows<'_> {
+                        match (f, t) {
+                            ("f16", "k") => Rows::F16(&kt16),
+                            ("f16", _) => Rows::F16(&v16),
+                            ("i8", "k") => Rows::I8 {
+                                q: &kq,
+                                scales: &ks[start..start + len],
+                            },
+                            ("i8", _) => Rows::I8 {
+                                q: &vq,
+                                scales: &vs[start..start + len],
+                            },
+                            (_, "k") => Rows::F32(&kt),
+                            _ => Rows::F32(&v),
+                        }
+                    };
                     let page = Page {
-                        keys: if f16 {
-                            Rows::F16(&kt16)
-                        } else {
-                            Rows::F32(&kt)
-                        },
-                        values: if f16 { Rows::F16(&v16) } else { Rows::F32(&v) },
+                        keys: rows(format, "k"),
+                        values: rows(format, "v"),
                         n: len,
                         stride: 32,
                         head_dim: hd,
@@ -130,10 +194,10 @@ fn pages_and_merged_ranges_give_softmax_attention() {
                         _ => update(&q, &vis, &page, &mut st),
                     }
                 }
-                let (k, v) = if f16 {
-                    (round16(&keys), round16(&values))
-                } else {
-                    (keys.clone(), values.clone())
+                let (k, v) = match format {
+                    "f16" => (round16(&keys), round16(&values)),
+                    "i8" => (kdq.clone(), vdq.clone()),
+                    _ => (keys.clone(), values.clone()),
                 };
                 for i in 0..3 {
                     let want = reference(&qs[i], &k, &v, total[i], hd, scale);
@@ -142,7 +206,7 @@ fn pages_and_merged_ranges_give_softmax_attention() {
                     for d in 0..hd {
                         assert!(
                             (got[d] - want[d]).abs() < 1e-5,
-                            "hd {hd} f16 {f16} path {path} query {i} dim {d}: {} vs {}",
+                            "hd {hd} {format} path {path} query {i} dim {d}: {} vs {}",
                             got[d],
                             want[d]
                         );

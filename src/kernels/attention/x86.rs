@@ -14,6 +14,9 @@ unsafe fn load8(r: Rows<'_>, i: usize) -> __m256 {
         match r {
             Rows::F32(v) => _mm256_loadu_ps(v.as_ptr().add(i)),
             Rows::F16(v) => _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i)),
+            Rows::I8 { q, .. } => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                q.as_ptr().add(i) as *const __m128i,
+            ))),
         }
     }
 }
@@ -24,6 +27,7 @@ fn prefetch(r: Rows<'_>, i: usize) {
     let p = match r {
         Rows::F32(v) => v.as_ptr().wrapping_add(i) as *const i8,
         Rows::F16(v) => v.as_ptr().wrapping_add(i) as *const i8,
+        Rows::I8 { q, .. } => q.as_ptr().wrapping_add(i),
     };
     // SAFETY: a prefetch only hints the memory system; it does not fault or write.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
@@ -85,7 +89,9 @@ unsafe fn tile<const Q: usize>(
                 _mm256_storeu_ps(s.add(8), _mm256_mul_ps(acc[q][1], scale));
             }
         }
+        per_position(&mut scores, Q, n, page.keys);
         softmax_step(&mut scores, n, visible, states);
+        per_position(&mut scores, Q, n, page.values);
         let most = visible.iter().copied().max().unwrap_or(0);
         for d0 in (0..hd).step_by(DIM_BLOCK) {
             let mut acc = [[_mm256_setzero_ps(); 2]; Q];
