@@ -9,6 +9,7 @@
 //! tensors are small.
 
 /// Blocks from this size up get their own mapping (glibc's initial threshold, now fixed).
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
 pub const MMAP_THRESHOLD: usize = 128 << 10;
 
 /// Applies the settings once per process (glibc only; other C libraries keep their own behaviour).

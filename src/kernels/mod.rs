@@ -158,6 +158,10 @@ impl Kernel {
         assert!(w.len() >= blocks * BLOCK_BYTES);
         assert!(xs.iter().all(|x| x.len() >= blocks * BLOCK));
         // One activation row (decode) has kernels of its own where the tiled ones would be latency-bound.
+        #[cfg_attr(
+            not(any(target_arch = "x86_64", target_arch = "aarch64")),
+            allow(unused_variables)
+        )]
         let one = |r: i32| {
             let mut out = [0i32; M];
             out[0] = r;
