@@ -237,9 +237,8 @@ impl KimiClient {
         self.breaker.lock().unwrap().is_open(Instant::now())
     }
 
-    /// The request body for `req` to `model`, shaped by the model's [`Traits`].
-    pub fn body(&self, req: &CloudRequest, model: &str) -> Vec<u8> {
-        let traits = Traits::of(model);
+    /// The request body for `req` to `model`, shaped by the model's `traits`.
+    fn body(&self, req: &CloudRequest, model: &str, traits: Traits) -> Vec<u8> {
         let thinks = traits.thinks(req.thinking);
         let sampling = |v: Option<f32>| v.filter(|_| !traits.fixed_sampling);
         serde_json::to_vec(&ChatBody {
@@ -280,9 +279,10 @@ impl KimiClient {
     ) -> Result<CloudAnswer, CloudFailure> {
         let started = Instant::now();
         let model = self.model();
-        let body = self.body(req, &model);
+        let traits = Traits::of(&model);
+        let body = self.body(req, &model, traits);
         // Deterministic only when temperature 0 is actually sent (fixed-sampling models leave it out).
-        let deterministic = req.temperature == Some(0.0) && !Traits::of(&model).fixed_sampling;
+        let deterministic = req.temperature == Some(0.0) && !traits.fixed_sampling;
         let cache_key = deterministic.then(|| AnswerCache::key(&body));
         if let Some(hit) = cache_key.and_then(|k| self.cache.get(&k)) {
             let _ = tokens.send(Piece::Text(hit.text.clone()));

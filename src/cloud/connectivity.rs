@@ -185,15 +185,17 @@ impl Connectivity {
                 }
                 Err(e) => Err(e.message.as_str()),
             };
-            let problem = result.as_ref().ok().and_then(|models| {
-                let problem = client.apply_listing(models).problem(models);
+            let problem = result
+                .as_ref()
+                .ok()
+                .and_then(|models| client.apply_listing(models).problem(models));
+            if result.is_ok() {
                 let now = problem.clone().map_or(Ok(()), Err);
-                let before = self.model_listed.lock().unwrap().replace(now.clone());
-                if let (Err(why), true) = (&now, before != Some(now.clone())) {
+                let changed = self.model_listed.lock().unwrap().replace(now.clone()) != Some(now);
+                if let (Some(why), true) = (&problem, changed) {
                     log::error!("{why}; the cloud route stays off until the account lists it");
                 }
-                problem
-            });
+            }
             match problem {
                 Some(why) => self.update(|l| l.on_model_missing(&why)),
                 None => self.update(|l| l.on_probe(reachable)),

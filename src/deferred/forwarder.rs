@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::queue::{DeferredQueue, StoredResult, Task};
-use crate::cloud::{Cause, CloudRequest, KimiClient};
+use crate::cloud::{Cause, KimiClient};
 use crate::errors::Refusal;
 use crate::protocol::{ErrorReply, StoredReply, Timing, WireError};
 use crate::router::CloudState;
@@ -93,17 +93,7 @@ impl Forwarder {
             return true;
         }
         let started = Instant::now();
-        let req = CloudRequest {
-            messages: task.request.messages.clone(),
-            max_tokens: task.request.max_tokens,
-            temperature: task.request.temperature,
-            top_p: task.request.top_p,
-            stop: task.request.stop.clone(),
-            thinking: task.request.thinking,
-            json: task.request.json,
-            deadline: None,
-            retry: true,
-        };
+        let req = task.request.to_cloud();
         // Nobody streams a deferred answer; the channel only satisfies the client's interface.
         let (tx, _rx) = unbounded_channel();
         let reply = match self.client.chat(&req, &tx).await {

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 mod files;
 
+use crate::cloud::CloudRequest;
 use crate::config::DeferConfig;
 use crate::engine::Message;
 use crate::protocol::{Id, StoredReply};
@@ -41,6 +42,36 @@ pub struct TaskRequest {
     /// The answer must be a JSON object (`task: "validate"`), parsed into the result's `result`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub json: bool,
+}
+
+impl TaskRequest {
+    /// What is kept of a cloud request: everything but its deadline and retry policy.
+    pub fn from_cloud(r: CloudRequest) -> TaskRequest {
+        TaskRequest {
+            messages: r.messages,
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            stop: r.stop,
+            thinking: r.thinking,
+            json: r.json,
+        }
+    }
+
+    /// The cloud request that forwards it: no deadline (it may wait for the cloud), retries on.
+    pub fn to_cloud(&self) -> CloudRequest {
+        CloudRequest {
+            messages: self.messages.clone(),
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop: self.stop.clone(),
+            thinking: self.thinking,
+            json: self.json,
+            deadline: None,
+            retry: true,
+        }
+    }
 }
 
 /// Where a task's result goes.

@@ -270,15 +270,7 @@ impl Dispatcher {
             .cloud
             .as_ref()
             .expect("the router deferred, so there is a cloud");
-        let task = TaskRequest {
-            messages: r.messages,
-            max_tokens: r.max_tokens,
-            temperature: r.temperature,
-            top_p: r.top_p,
-            stop: r.stop,
-            thinking: r.thinking,
-            json: r.json,
-        };
+        let task = TaskRequest::from_cloud(r);
         let stored = route.queue.push(req.id.clone(), origin.reply_to, task);
         let task = stored.map_err(|e| {
             if let QueueError::Io { .. } = e {

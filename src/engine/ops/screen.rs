@@ -299,14 +299,15 @@ pub(super) fn run(
             })
             .collect()
     };
-    let job = Screen {
+    let step = Arc::new(Step {
         planes: planes.clone(),
         kernel,
         scale: scale.clone(),
-        q: q.clone(),
+        q,
         layout,
-        info: info.clone(),
-    };
+        info,
+    });
+    let job = Screen { step: step.clone() };
     // SAFETY: the screen writes every value.
     let out = unsafe { Tensor::uninitialized::<f32>(&[tokens, n])? };
     let mut logits = team::run(job, out);
@@ -314,24 +315,19 @@ pub(super) fn run(
     let noise = planes.noise(scale);
     let mut picked: Vec<(u32, u32, f32)> = Vec::new();
     {
-        let qp = q.try_as_plain_ram()?;
+        let qp = step.q.try_as_plain_ram()?;
         let data = qp.as_slice::<i8>()?;
         let mut lp = logits.try_as_plain_ram_mut()?;
         let all = lp.as_slice_mut::<f32>()?;
         let mut rows = Vec::new();
-        for (t, tok) in info.iter().enumerate() {
+        let mut buf = vec![0u8; planes.k];
+        for (t, tok) in step.info.iter().enumerate() {
             let est = &mut all[t * n..(t + 1) * n];
             let seeds = best_estimates(est, SEEDS);
-            let x = values(data, layout, t);
             let mut floor = f32::NEG_INFINITY;
-            let mut buf = vec![0u8; planes.k];
             let exact = seeds
                 .iter()
-                .map(|&v| {
-                    let v = v as usize;
-                    let acc = planes.exact(kernel, v, x, &mut buf)?;
-                    Ok(acc as f32 * tok.inv * scale[v])
-                })
+                .map(|&v| step.exact(data, t, v as usize, &mut buf))
                 .collect::<std::io::Result<Vec<f32>>>()
                 .context("reading the output layer's rows")?;
             for (&v, &y) in seeds.iter().zip(&exact) {
@@ -357,12 +353,7 @@ pub(super) fn run(
     let count = picked.len();
     let picked: Arc<[(u32, u32, f32)]> = picked.into();
     let job = Rescore {
-        planes: planes.clone(),
-        kernel,
-        scale: scale.clone(),
-        q,
-        layout,
-        info,
+        step,
         picked: picked.clone(),
     };
     // SAFETY: the exact pass writes every value.
@@ -378,19 +369,35 @@ pub(super) fn run(
     Ok(logits)
 }
 
-/// The quantized values of token `t` among rows `data` in `layout`.
-fn values(data: &[i8], layout: QRowLayout, t: usize) -> &[i8] {
-    layout.values(&data[t * layout.stride()..(t + 1) * layout.stride()])
-}
-
-/// The screen: a chunk per range of rows, every token.
-struct Screen {
+/// What both passes of one step read: the planes, the weight scales, the quantized rows and their tokens.
+struct Step {
     planes: Arc<Planes>,
     kernel: Kernel,
     scale: Arc<[f32]>,
     q: TValue,
     layout: QRowLayout,
     info: Vec<Token>,
+}
+
+impl Step {
+    /// The quantized values of token `t` among the rows `data` (of `q`).
+    fn values<'a>(&self, data: &'a [i8], t: usize) -> &'a [i8] {
+        let stride = self.layout.stride();
+        self.layout.values(&data[t * stride..(t + 1) * stride])
+    }
+
+    /// Row `v`'s exact logit for token `t`: the plain int8 layer's epilogue, operation for operation.
+    fn exact(&self, data: &[i8], t: usize, v: usize, buf: &mut [u8]) -> std::io::Result<f32> {
+        let acc = self
+            .planes
+            .exact(self.kernel, v, self.values(data, t), buf)?;
+        Ok(acc as f32 * self.info[t].inv * self.scale[v])
+    }
+}
+
+/// The screen: a chunk per range of rows, every token.
+struct Screen {
+    step: Arc<Step>,
 }
 
 // SAFETY: chunk `c` writes rows `c*SCREEN_CHUNK..` of every token: a partition of `[tokens, rows]`.
@@ -398,33 +405,34 @@ unsafe impl Job for Screen {
     type Out = f32;
 
     fn chunks(&self) -> usize {
-        self.planes.rows.div_ceil(SCREEN_CHUNK)
+        self.step.planes.rows.div_ceil(SCREEN_CHUNK)
     }
 
     fn region(&self, c: usize) -> Region {
-        let n = self.planes.rows;
+        let n = self.step.planes.rows;
         let r0 = c * SCREEN_CHUNK;
         Region {
             offset: r0,
             len: SCREEN_CHUNK.min(n - r0),
             stride: n,
-            count: self.info.len(),
+            count: self.step.info.len(),
         }
     }
 
     fn compute(&self, c: usize, out: &mut RegionMut<'_, f32>) {
+        let s = &*self.step;
         let r0 = c * SCREEN_CHUNK;
-        let r1 = (r0 + SCREEN_CHUNK).min(self.planes.rows);
-        let plain = self.q.try_as_plain_ram().expect("plain rows");
+        let r1 = (r0 + SCREEN_CHUNK).min(s.planes.rows);
+        let plain = s.q.try_as_plain_ram().expect("plain rows");
         let data = plain.as_slice::<i8>().expect("int8 rows");
-        for (t, tok) in self.info.iter().enumerate() {
-            let x = values(data, self.layout, t);
+        for (t, tok) in s.info.iter().enumerate() {
+            let x = s.values(data, t);
             let dst = out.run(t);
             for r in r0..r1 {
                 // SAFETY: the kernel was checked at load; the row and `x` have the plane sizes.
-                let h = unsafe { self.kernel.nibble_dot(self.planes.high_row(r), x) };
-                let est = planes::estimate(h, tok.xsum, self.planes.stats[r].mean);
-                dst[r - r0] = est * tok.inv * self.scale[r];
+                let h = unsafe { s.kernel.nibble_dot(s.planes.high_row(r), x) };
+                let est = planes::estimate(h, tok.xsum, s.planes.stats[r].mean);
+                dst[r - r0] = est * tok.inv * s.scale[r];
             }
         }
     }
@@ -432,12 +440,7 @@ unsafe impl Job for Screen {
 
 /// The exact pass over the candidates: a chunk per run of [`EXACT_CHUNK`] of them.
 struct Rescore {
-    planes: Arc<Planes>,
-    kernel: Kernel,
-    scale: Arc<[f32]>,
-    q: TValue,
-    layout: QRowLayout,
-    info: Vec<Token>,
+    step: Arc<Step>,
     /// (token, row, estimate).
     picked: Arc<[(u32, u32, f32)]>,
 }
@@ -457,20 +460,19 @@ unsafe impl Job for Rescore {
 
     fn compute(&self, c: usize, out: &mut RegionMut<'_, f32>) {
         let i0 = c * EXACT_CHUNK;
-        let plain = self.q.try_as_plain_ram().expect("plain rows");
+        let s = &*self.step;
+        let plain = s.q.try_as_plain_ram().expect("plain rows");
         let data = plain.as_slice::<i8>().expect("int8 rows");
-        let mut buf = vec![0u8; self.planes.k];
+        let mut buf = vec![0u8; s.planes.k];
         let dst = out.run(0);
         for (d, &(t, v, estimate)) in dst.iter_mut().zip(&self.picked[i0..]) {
-            let (t, v) = (t as usize, v as usize);
-            let x = values(data, self.layout, t);
+            let v = v as usize;
             // A row the file cannot give (a disk error under a running daemon) keeps its estimate: the job
             // cannot fail, and the estimate is within the screen's error of it.
-            *d = match self.planes.exact(self.kernel, v, x, &mut buf) {
-                // The plain int8 layer's epilogue, operation for operation.
-                Ok(acc) => acc as f32 * self.info[t].inv * self.scale[v],
+            *d = match s.exact(data, t as usize, v, &mut buf) {
+                Ok(y) => y,
                 Err(e) => {
-                    if !self.planes.read_failed.swap(true, Ordering::Relaxed) {
+                    if !s.planes.read_failed.swap(true, Ordering::Relaxed) {
                         log::error!(
                             "reading the output layer's row {v}: {e}; its estimate stands in"
                         );
