@@ -44,7 +44,13 @@ pub enum DaemonError {
     /// The deferred queue's directory cannot be used.
     #[error(transparent)]
     Queue(#[from] crate::deferred::QueueError),
+    /// The HTTP API cannot listen where configured.
+    #[error(transparent)]
+    Http(#[from] crate::http::ListenError),
 }
+
+/// The systemd credential holding the HTTP API key.
+pub const HTTP_KEY_CREDENTIAL: &str = "http-api-key";
 
 /// Runs the daemon until `shutdown` is cancelled. Returns once every accepted request is answered (or the
 /// drain timeout cancelled it) and the socket file is removed.
@@ -56,6 +62,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         estimate_bytes = estimate.total(); "loading model");
     notify.status(&format!("loading model {}", meta.name));
     let rss_before_model = crate::budget::process_rss_bytes();
+
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    // HTTP listens while the model loads (its /health says so); everything else starts after.
+    let _stop_on_error = stop_accepting.clone().drop_guard();
+    let (serving_tx, serving_rx) = tokio::sync::watch::channel(None);
+    let http_where = start_http(&config, serving_rx, &stop_accepting, &tracker)?;
 
     let Some(model) = load(&config, &notify, &shutdown).await? else {
         notify.stopping("stopped while loading");
@@ -112,8 +125,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         },
     );
 
-    let tracker = TaskTracker::new();
-    let stop_accepting = CancellationToken::new();
+    serving_tx.send_replace(Some(dispatcher.clone()));
     let mut where_ = String::from("no socket");
     if config.socket.enabled {
         let listener = Listener::bind(&config.socket)?;
@@ -152,6 +164,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         tracker.spawn(mqtt.run(stop_accepting.clone()));
         where_ = format!("{where_} and {broker}");
     }
+    if let Some(h) = http_where {
+        where_ = format!("{where_} and HTTP on {h}");
+    }
     let serving = format!("serving {} on {where_}", meta.name);
     log::info!(model = meta.name.as_str(), socket = where_.as_str(); "ready");
     let link = cloud.as_ref().map(|c| c.link.subscribe());
@@ -187,6 +202,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     watchdog.abort();
     log::info!("stopped");
     Ok(())
+}
+
+/// Binds and serves the HTTP API when `[http]` is enabled (before the model is loaded: requests get 503
+/// `loading` until `dispatcher` has one). Returns where it listens, for the logs.
+fn start_http(
+    config: &Config,
+    dispatcher: tokio::sync::watch::Receiver<Option<Arc<Dispatcher>>>,
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Option<String>, DaemonError> {
+    let h = &config.http;
+    if !h.enabled {
+        return Ok(None);
+    }
+    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    let key = key::find_secret(
+        HTTP_KEY_CREDENTIAL,
+        creds.as_deref(),
+        h.api_key_file.as_deref(),
+    )?;
+    let listeners = crate::http::listen::bind(h, key.is_some())?;
+    let names: Vec<String> = listeners.iter().map(|l| l.to_string()).collect();
+    let key = key.map(|(k, source)| {
+        log::info!(key_from:% = source; "HTTP API key set: TCP clients must send it");
+        k
+    });
+    crate::http::serve(h, key, listeners, dispatcher, stop.clone(), tracker);
+    Ok(Some(names.join(", ")))
 }
 
 /// Sets up the cloud route when `[cloud]` is enabled and a key is found: the client, the connectivity probes,

@@ -77,6 +77,8 @@ pub enum Scope {
     Mqtt,
     /// A socket connection opened while every full one was taken: control messages only.
     StatusOnly,
+    /// All HTTP clients together (`[http] max_in_flight`).
+    Http,
 }
 
 fn wire(code: ErrorCode, message: impl Into<String>) -> WireError {
@@ -111,6 +113,7 @@ impl From<&Refusal> for WireError {
                         format!("at most {limit} requests in flight per connection")
                     }
                     Scope::Mqtt => format!("at most {limit} MQTT requests in flight"),
+                    Scope::Http => format!("at most {limit} HTTP requests in flight"),
                     Scope::StatusOnly => "every socket connection is taken ([socket] max_connections): this one \
                                           answers only status and result; retry on a new connection later"
                         .to_string(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
-use crate::dispatch::{Dispatcher, Origin, Ticket};
+use crate::dispatch::{Dispatcher, Origin, Routed, Ticket};
 use crate::errors::{Refusal, Scope};
 use crate::inflight::InFlight;
 use crate::protocol::{Command, Id, Incoming, Reply, WireError};
@@ -29,6 +29,10 @@ pub trait Replies: Send + Sync + 'static {
 
     /// Sends one reply of an accepted request; false when the requester is gone (the request is cancelled).
     fn forward(&self, reply: Reply) -> impl Future<Output = bool> + Send;
+
+    /// Told once a request is accepted, before its first reply: where it was sent. Sources whose transport
+    /// shows it up front (HTTP headers) use it; the default ignores it.
+    fn accepted(&self, _routed: Routed) {}
 }
 
 /// What became of one message.
@@ -76,7 +80,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Handler<K> {
     ) -> Handled {
         let incoming = match message {
             Ok(i) => i,
-            Err(e) => return self.refuse(e, &to).await,
+            Err(e) => return self.refuse(e, origin.source, &to).await,
         };
         match incoming {
             Incoming::Command {
@@ -97,7 +101,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Handler<K> {
             Incoming::Command {
                 id: None,
                 cmd: Command::Result,
-            } => self.refuse(Refusal::ResultNeedsId.into(), &to).await,
+            } => {
+                self.refuse(Refusal::ResultNeedsId.into(), origin.source, &to)
+                    .await
+            }
             Incoming::Cancel { id } => {
                 self.in_flight.cancel(&to.key(&id));
                 Handled::Cancelled
@@ -116,7 +123,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Handler<K> {
                     None
                 };
                 if let Some(r) = refusal {
-                    return self.refuse(WireError::from(r).with_id(&req.id), &to).await;
+                    let e = WireError::from(r).with_id(&req.id);
+                    return self.refuse(e, origin.source, &to).await;
                 }
                 let id = req.id.clone();
                 match self.dispatcher.submit(*req, origin) {
@@ -125,6 +133,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Handler<K> {
                         Handled::Refused
                     }
                     Ok(ticket) => {
+                        to.accepted(ticket.routed);
                         self.in_flight.insert(key.clone(), ticket.cancel_token());
                         let in_flight = self.in_flight.clone();
                         self.forwards.spawn(forward(ticket, id, key, in_flight, to));
@@ -135,8 +144,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Handler<K> {
         }
     }
 
-    async fn refuse<R: Replies>(&self, e: WireError, to: &R) -> Handled {
-        self.dispatcher.record_rejected();
+    async fn refuse<R: Replies>(&self, e: WireError, source: &str, to: &R) -> Handled {
+        self.dispatcher.record_rejected(source, e.code);
         to.answer(e.into()).await;
         Handled::Refused
     }
@@ -154,6 +163,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Handler<K> {
     /// Resolves once no request accepted here is in flight.
     pub async fn idle(&self) {
         self.in_flight.empty().await
+    }
+
+    /// Cancels the request with `key` if it is in flight here (it still gets its terminal reply).
+    pub fn cancel(&self, key: &K) {
+        self.in_flight.cancel(key)
     }
 
     /// Cancels every request accepted here; each still gets its terminal reply.

@@ -27,7 +27,8 @@
 //! - [`deferred`]: the durable store-and-forward queue and the forwarder.
 //! - [`inflight`]: a set of requests in flight (by key, cancellable, awaitable until empty).
 //! - [`server`]: the Unix socket (listener, connections, line reading); [`mqtt`]: the MQTT network loop and
-//!   its pure addressing/dedup/backoff rules.
+//!   its pure addressing/dedup/backoff rules; [`http`]: the OpenAI-compatible HTTP API.
+//! - [`metrics`]: the Prometheus counters, histograms and gauges behind `GET /metrics`.
 //! - [`budget`]: memory estimates and the process's resident size.
 //! - [`governor`]: board telemetry (temperature, throttling, memory, pressure) and the pure budget policy.
 //! - [`systemd`]: readiness, status, watchdog; [`logging`]: journald or stderr.
@@ -37,7 +38,8 @@
 //! The request path, the same for every source:
 //!
 //! ```text
-//! server::connection, mqtt::service     transport and addressing only
+//! server::connection, mqtt::service,   transport and addressing only
+//! http::complete
 //!   -> handler::Handler                  parse result, control messages, per-client limit, in-flight set
 //!   -> dispatch::Dispatcher::submit      tasks::shape, validation (Backend::prepare), routing facts
 //!   -> router::decide                    local, cloud (with fallback), defer, or refuse
@@ -63,10 +65,12 @@ pub mod export;
 pub mod governor;
 pub mod handler;
 pub mod hf;
+pub mod http;
 pub mod inflight;
 pub mod kernels;
 pub mod logging;
 pub mod meta;
+pub mod metrics;
 pub mod mqtt;
 pub mod onnx;
 pub mod protocol;

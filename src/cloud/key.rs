@@ -60,14 +60,8 @@ pub fn find(
     api_key_file: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<(ApiKey, KeySource)>, KeyError> {
-    if let Some(dir) = credentials_dir {
-        let p = dir.join(CREDENTIAL_NAME);
-        if p.exists() {
-            return read(&p).map(|k| Some((k, KeySource::Credential(p))));
-        }
-    }
-    if let Some(p) = api_key_file {
-        return read(p).map(|k| Some((k, KeySource::File(p.to_path_buf()))));
+    if let Some(found) = find_secret(CREDENTIAL_NAME, credentials_dir, api_key_file)? {
+        return Ok(Some(found));
     }
     for var in ENV_VARS {
         if let Some(v) = env(var) {
@@ -78,6 +72,34 @@ pub fn find(
         }
     }
     Ok(None)
+}
+
+/// Finds a secret in the systemd credential `credential` under `credentials_dir`, else in `file`; `Ok(None)`
+/// when neither is there. A file given but unreadable or empty is an error.
+pub fn find_secret(
+    credential: &str,
+    credentials_dir: Option<&Path>,
+    file: Option<&Path>,
+) -> Result<Option<(ApiKey, KeySource)>, KeyError> {
+    if let Some(dir) = credentials_dir {
+        let p = dir.join(credential);
+        if p.exists() {
+            return read(&p).map(|k| Some((k, KeySource::Credential(p))));
+        }
+    }
+    match file {
+        Some(p) => read(p).map(|k| Some((k, KeySource::File(p.to_path_buf())))),
+        None => Ok(None),
+    }
+}
+
+impl ApiKey {
+    /// True when `offered` is this key. The SHA-256 digests are compared, not the texts: how long a wrong
+    /// key takes to refuse says nothing about how much of it was right.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        use ring::digest::{digest, SHA256};
+        digest(&SHA256, self.0.as_bytes()).as_ref() == digest(&SHA256, offered).as_ref()
+    }
 }
 
 fn read(path: &Path) -> Result<ApiKey, KeyError> {

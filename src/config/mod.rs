@@ -5,6 +5,7 @@
 mod cloud;
 mod env;
 mod error;
+mod http;
 mod mqtt;
 pub mod raw;
 mod spans;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use cloud::{CloudConfig, DeferConfig, RawCloud, RawDefer, RawRouter, RouterConfig};
 pub use env::Env;
+pub use http::{HttpAddress, HttpConfig, RawHttp};
 pub use mqtt::{MqttConfig, MqttTls};
 
 use crate::budget::MemoryEstimate;
@@ -36,6 +38,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `None` when MQTT is off.
     pub mqtt: Option<MqttConfig>,
+    /// The OpenAI-compatible HTTP API (off unless `enabled`).
+    pub http: HttpConfig,
     /// The Kimi client; it runs only when `enabled` and a key is found.
     pub cloud: CloudConfig,
     pub router: RouterConfig,
@@ -453,12 +457,14 @@ fn validate(
         Some(m) => Some(mqtt::validate_mqtt(m, invalid)?),
         None => None,
     };
+    let http = http::validate_http(&raw.http, invalid)?;
     let cloud = cloud::validate_cloud(&raw.cloud, invalid)?;
     let router = cloud::validate_router(&raw.router, invalid)?;
     let defer = cloud::validate_defer(&raw.defer, env, invalid)?;
     Ok(Config {
         source: None,
         mqtt,
+        http,
         cloud,
         router,
         defer,

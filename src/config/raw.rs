@@ -16,6 +16,7 @@ pub struct RawConfig {
     pub logging: RawLogging,
     /// Present (even empty) turns MQTT on.
     pub mqtt: Option<RawMqtt>,
+    pub http: super::http::RawHttp,
     pub cloud: super::cloud::RawCloud,
     pub router: super::cloud::RawRouter,
     pub defer: super::cloud::RawDefer,

@@ -13,7 +13,8 @@ use crate::cloud::Cause;
 use crate::engine::{CancelToken, Generation};
 use crate::errors::Refusal;
 use crate::inflight::InFlight;
-use crate::protocol::{Id, Reply, Timing, WireError};
+use crate::metrics::{Metrics, RequestOrigin};
+use crate::protocol::{ErrorCode, Id, Reply, Served, Timing, WireError};
 use crate::router::{LocalSpeed, Reason};
 
 /// Counters kept for `status`.
@@ -74,6 +75,7 @@ pub(super) struct Ledger {
     /// KV bytes reserved by each local run, by sequence number.
     reservations: Mutex<HashMap<u64, u64>>,
     next_seq: AtomicU64,
+    metrics: Metrics,
 }
 
 impl Ledger {
@@ -93,16 +95,25 @@ impl Ledger {
         &self.in_flight
     }
 
-    /// Counts a message refused before acceptance.
-    pub fn rejected(&self) {
+    /// The metrics these books feed.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Counts a message from `source` refused before acceptance with `code`.
+    pub fn rejected(&self, source: &str, code: ErrorCode) {
         self.counters
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .rejected += 1;
+        self.metrics.rejected(source, code);
     }
 
-    /// Counts an accepted request by its route and reason.
-    pub fn accepted(&self, route: &'static str, reason: Reason) {
+    /// Counts an accepted request by its route and reason (a deferred one is done with here).
+    pub fn accepted(&self, source: &'static str, route: &'static str, reason: Reason) {
+        if route == "deferred" {
+            self.metrics.deferred(source, reason.as_str());
+        }
         let mut c = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
         c.accepted += 1;
         *c.routes
@@ -159,7 +170,6 @@ impl Ledger {
     }
 
     /// Bytes reserved by the work in flight.
-    #[cfg(test)]
     pub fn reserved_bytes(&self) -> u64 {
         self.reservations
             .lock()
@@ -173,6 +183,7 @@ impl Ledger {
         self: &Arc<Self>,
         seq: u64,
         id: Id,
+        origin: RequestOrigin,
         tx: UnboundedSender<Reply>,
         cancel: CancelToken,
     ) -> Completion {
@@ -181,12 +192,28 @@ impl Ledger {
             ledger: self.clone(),
             seq,
             id,
+            origin,
             tx,
             open: true,
         }
     }
 
-    fn record(&self, outcome: Outcome) {
+    fn record(&self, origin: RequestOrigin, reply: &Reply, outcome: Outcome) {
+        self.metrics.finished(origin, reply);
+        match &outcome {
+            Outcome::Local(g) => {
+                let n = g.completion_tokens();
+                let ttft = (n > 0).then(|| (g.queue_time + g.ttft).as_secs_f64());
+                let tps = (n > 1).then(|| g.decode_tokens_per_second());
+                self.metrics.generation(Served::Local, n, ttft, tps);
+            }
+            Outcome::Cloud { tokens, timing } => {
+                let ttft = timing.filter(|_| *tokens > 0).map(|t| t.ttft_ms / 1e3);
+                let tps = timing.map(|t| t.tokens_per_s);
+                self.metrics.generation(Served::Cloud, *tokens, ttft, tps);
+            }
+            Outcome::Failed { .. } => {}
+        }
         let mut c = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
         match outcome {
             Outcome::Local(g) => {
@@ -232,6 +259,7 @@ pub(super) struct Completion {
     ledger: Arc<Ledger>,
     seq: u64,
     id: Id,
+    origin: RequestOrigin,
     tx: UnboundedSender<Reply>,
     open: bool,
 }
@@ -260,7 +288,7 @@ impl Completion {
     pub fn finish(mut self, reply: Reply, outcome: Outcome) {
         debug_assert!(reply.is_terminal());
         self.open = false;
-        self.ledger.record(outcome);
+        self.ledger.record(self.origin, &reply, outcome);
         self.ledger.close(self.seq);
         let _ = self.tx.send(reply);
     }
@@ -278,12 +306,12 @@ impl Drop for Completion {
             return;
         }
         log::error!(id:% = self.id, seq = self.seq; "an accepted request ended without a terminal reply");
-        self.ledger.record(Outcome::Failed { cloud: None });
+        let reply: Reply = WireError::from(Refusal::Unanswered)
+            .with_id(&self.id)
+            .into();
+        self.ledger
+            .record(self.origin, &reply, Outcome::Failed { cloud: None });
         self.ledger.close(self.seq);
-        let _ = self.tx.send(
-            WireError::from(Refusal::Unanswered)
-                .with_id(&self.id)
-                .into(),
-        );
+        let _ = self.tx.send(reply);
     }
 }

@@ -37,7 +37,8 @@ use crate::engine::{
 };
 use crate::errors::Refusal;
 use crate::governor::Budget;
-use crate::protocol::{Id, Reply, Request, WireError};
+use crate::metrics::{Metrics, RequestOrigin};
+use crate::protocol::{ErrorCode, Id, Reply, Request, WireError};
 use crate::router::{Decision, Reason};
 use crate::tasks::{self, Shaped};
 use ledger::Ledger;
@@ -95,7 +96,17 @@ impl Origin {
 /// cancel it. Dropping the receiver cancels the request too.
 pub struct Ticket {
     pub replies: UnboundedReceiver<Reply>,
+    /// Where the request was sent: `local`, `cloud` or `deferred`, and the router's reason. (Where it ran is
+    /// in its `done`: a cloud request that fails may run locally instead.)
+    pub routed: Routed,
     cancel: CancelToken,
+}
+
+/// See [`Ticket::routed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    pub route: &'static str,
+    pub reason: &'static str,
 }
 
 impl Ticket {
@@ -141,9 +152,10 @@ impl Dispatcher {
 
     /// Accepts `req` or refuses it with the reason (counted as rejected). Must be called on a tokio runtime.
     pub fn submit(&self, req: Request, origin: Origin) -> Result<Ticket, WireError> {
+        let source = origin.source;
         let r = self.accept(&req, origin);
-        if r.is_err() {
-            self.ledger.rejected();
+        if let Err(e) = &r {
+            self.ledger.rejected(source, e.code);
         }
         r.map_err(|e| e.with_id(&req.id))
     }
@@ -214,15 +226,29 @@ impl Dispatcher {
         let cancel = CancelToken::default();
         let queued = self.local.queue(seq, &run, validated, &cancel)?;
         let (tx, replies) = unbounded_channel();
-        let completion = self.ledger.open(seq, req.id.clone(), tx, cancel.clone());
-        self.ledger.accepted("local", reason);
+        let labels = RequestOrigin {
+            source: origin.source,
+            route: "local",
+            reason: reason.as_str(),
+        };
+        let completion = self
+            .ledger
+            .open(seq, req.id.clone(), labels, tx, cancel.clone());
+        self.ledger.accepted(origin.source, "local", reason);
         log::info!(id:% = req.id, source = origin.source, route = "local", route_reason = reason.as_str(),
             prompt_tokens = queued.prompt_tokens(), stream = req.stream; "request accepted");
         if let Some(p) = &req.prompt {
             log::trace!(id:% = req.id; "prompt: {p:?}");
         }
         self.local.spawn(run, queued, completion);
-        Ok(Ticket { replies, cancel })
+        Ok(Ticket {
+            replies,
+            routed: Routed {
+                route: "local",
+                reason: reason.as_str(),
+            },
+            cancel,
+        })
     }
 
     fn start_cloud(
@@ -242,8 +268,15 @@ impl Dispatcher {
         let seq = self.ledger.next_seq();
         let cancel = CancelToken::default();
         let (tx, replies) = unbounded_channel();
-        let completion = self.ledger.open(seq, req.id.clone(), tx, cancel.clone());
-        self.ledger.accepted("cloud", reason);
+        let labels = RequestOrigin {
+            source: origin.source,
+            route: "cloud",
+            reason: reason.as_str(),
+        };
+        let completion = self
+            .ledger
+            .open(seq, req.id.clone(), labels, tx, cancel.clone());
+        self.ledger.accepted(origin.source, "cloud", reason);
         log::info!(id:% = req.id, source = origin.source, route = "cloud", route_reason = reason.as_str(),
             fallback = fallback.is_some(), stream = req.stream; "request accepted");
         let job = cloud::CloudJob {
@@ -255,7 +288,14 @@ impl Dispatcher {
             completion,
         };
         tokio::spawn(job.run());
-        Ok(Ticket { replies, cancel })
+        Ok(Ticket {
+            replies,
+            routed: Routed {
+                route: "cloud",
+                reason: reason.as_str(),
+            },
+            cancel,
+        })
     }
 
     fn defer(
@@ -278,7 +318,7 @@ impl Dispatcher {
             }
             WireError::from(&e)
         })?;
-        self.ledger.accepted("deferred", reason);
+        self.ledger.accepted(origin.source, "deferred", reason);
         log::info!(id:% = req.id, source = origin.source, route = "deferred", route_reason = reason.as_str(),
             seq = task.seq; "request deferred until the cloud is reachable");
         let (tx, replies) = unbounded_channel();
@@ -292,6 +332,10 @@ impl Dispatcher {
         });
         Ok(Ticket {
             replies,
+            routed: Routed {
+                route: "deferred",
+                reason: reason.as_str(),
+            },
             cancel: CancelToken::default(),
         })
     }
@@ -331,10 +375,15 @@ impl Dispatcher {
         }
     }
 
-    /// Counts a message a source refused before it reached [`Dispatcher::submit`] (unreadable, too large, over a
-    /// per-client limit).
-    pub fn record_rejected(&self) {
-        self.ledger.rejected();
+    /// Counts a message `source` refused with `code` before it reached [`Dispatcher::submit`] (unreadable, too
+    /// large, over a per-client limit).
+    pub fn record_rejected(&self, source: &str, code: ErrorCode) {
+        self.ledger.rejected(source, code);
+    }
+
+    /// The request counters and histograms, for `/metrics` (render them with [`Dispatcher::status`]).
+    pub fn metrics(&self) -> &Metrics {
+        self.ledger.metrics()
     }
 
     /// Requests accepted and not yet answered.
@@ -365,6 +414,19 @@ impl Dispatcher {
     /// The name of the model served.
     pub fn model_name(&self) -> &str {
         self.local.backend.name()
+    }
+
+    /// The cloud model requests are sent to, when the cloud route is on.
+    pub fn cloud_model(&self) -> Option<String> {
+        self.opts
+            .cloud
+            .as_ref()
+            .map(|c| c.client.model().to_string())
+    }
+
+    /// True once [`Dispatcher::begin_drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 }
 

@@ -63,6 +63,7 @@ impl Dispatcher {
                 rss_bytes: crate::budget::process_rss_bytes(),
                 rss_before_model_bytes: self.opts.rss_before_model,
                 budget_bytes: self.opts.memory_budget,
+                kv_reserved_bytes: self.ledger.reserved_bytes(),
             },
             latency,
             budget: self.opts.budget.as_ref().map(|b| b.borrow().clone()),

@@ -117,9 +117,17 @@ async fn a_completion_dropped_without_a_reply_still_answers_and_frees_everything
             })
         })
         .unwrap();
-    let completion = d
-        .ledger
-        .open(seq, json!("lost"), tx, CancelToken::default());
+    let completion = d.ledger.open(
+        seq,
+        json!("lost"),
+        crate::metrics::RequestOrigin {
+            source: "test",
+            route: "local",
+            reason: "requested",
+        },
+        tx,
+        CancelToken::default(),
+    );
     assert_eq!(d.in_flight(), 1);
     // A task that panics drops its completion while unwinding.
     let task = tokio::spawn(async move {

@@ -262,7 +262,7 @@ impl Shared {
                         "MQTT client over its request rate: busy");
                     let per_minute = self.cfg.client_requests_per_minute.unwrap_or_default();
                     let e = WireError::from(Refusal::ClientRate { per_minute, wait });
-                    self.dispatcher.record_rejected();
+                    self.dispatcher.record_rejected("mqtt", e.code);
                     return to.answer(e.with_id(&req.id).into()).await;
                 }
                 Some(key)
@@ -292,7 +292,7 @@ impl Shared {
         let topic = String::from_utf8_lossy(topic);
         match parsed {
             Err(e) => {
-                self.dispatcher.record_rejected();
+                self.dispatcher.record_rejected("mqtt", e.code);
                 log::warn!(topic:% = topic, code = e.code.as_str();
                     "MQTT message refused, no reply address: {}", e.message);
             }
@@ -301,7 +301,8 @@ impl Shared {
             }
             Ok(Incoming::Command { id, cmd }) => {
                 if id.is_none() && cmd == Command::Result {
-                    self.dispatcher.record_rejected();
+                    self.dispatcher
+                        .record_rejected("mqtt", WireError::from(Refusal::ResultNeedsId).code);
                 }
                 log::warn!(topic:% = topic, cmd:? = cmd; "MQTT command without a reply address")
             }

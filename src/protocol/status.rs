@@ -93,6 +93,9 @@ pub struct MemoryStatus {
     /// Resident size just before the model was loaded: the daemon's own baseline.
     pub rss_before_model_bytes: Option<u64>,
     pub budget_bytes: u64,
+    /// KV cache bytes reserved by the local requests in flight (admission counts them against the budget).
+    #[serde(default)]
+    pub kv_reserved_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

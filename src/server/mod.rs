@@ -3,7 +3,7 @@
 
 mod connection;
 pub mod lines;
-mod listener;
+pub mod listener;
 pub mod slots;
 
 use std::path::PathBuf;
@@ -76,8 +76,9 @@ pub async fn serve(
             Err(SlotRefusal::PerProcess { limit }) => {
                 log::warn!(uid = peer.uid, pid:? = peer.pid, limit;
                     "socket connection refused: the process holds its share of connections");
-                dispatcher.record_rejected();
-                tracker.spawn(refuse(stream, Refusal::ProcessLimit { limit }.into()));
+                let e = WireError::from(Refusal::ProcessLimit { limit });
+                dispatcher.record_rejected("socket", e.code);
+                tracker.spawn(refuse(stream, e));
                 continue;
             }
         };

@@ -127,3 +127,110 @@ unsafe fn tile<const Q: usize>(
         }
     }
 }
+
+/// Sixteen values from `r`, as f32.
+///
+/// # Safety
+/// Sixteen values readable at `i`; AVX-512F available.
+#[inline(always)]
+unsafe fn load16(r: Rows<'_>, i: usize) -> __m512 {
+    unsafe {
+        match r {
+            Rows::F32(v) => _mm512_loadu_ps(v.as_ptr().add(i)),
+            Rows::F16(v) => {
+                _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i) as *const __m256i))
+            }
+            Rows::I8 { q, .. } => _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                q.as_ptr().add(i) as *const __m128i,
+            ))),
+        }
+    }
+}
+
+/// As [`update`], with 512-bit registers: a key block or a value block is one register, which halves the
+/// multiply-adds and conversions per byte read. Attention at long context is bound by those as much as by
+/// the loads on 256 bits (two FMA ports against four query heads per key).
+///
+/// # Safety
+/// AVX-512F available; the bounds `super::update` asserts; `head_dim` a multiple of [`DIM_BLOCK`].
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn update512(
+    queries: &[&[f32]],
+    visible: &[usize],
+    page: &Page<'_>,
+    states: &mut [&mut Softmax],
+) {
+    unsafe {
+        match queries.len() {
+            1 => tile512::<1>(queries, visible, page, states),
+            2 => tile512::<2>(queries, visible, page, states),
+            3 => tile512::<3>(queries, visible, page, states),
+            _ => tile512::<4>(queries, visible, page, states),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn tile512<const Q: usize>(
+    queries: &[&[f32]],
+    visible: &[usize],
+    page: &Page<'_>,
+    states: &mut [&mut Softmax],
+) {
+    const { assert!(KEY_BLOCK == 16 && DIM_BLOCK == 16) };
+    let (n, hd, stride) = (page.n, page.head_dim, page.stride);
+    let mut scores = [[0f32; MAX_KEYS]; QUERY_TILE];
+    unsafe {
+        let scale = _mm512_set1_ps(page.scale);
+        for j in (0..n).step_by(KEY_BLOCK) {
+            let block = j * hd;
+            let last = j + KEY_BLOCK >= n;
+            let mut acc = [_mm512_setzero_ps(); Q];
+            for d in 0..hd {
+                // As in `tile`: the next key block (after the last, the first values) a block ahead.
+                if last {
+                    prefetch(page.values, d * KEY_BLOCK);
+                } else {
+                    prefetch(page.keys, block + hd * KEY_BLOCK + d * KEY_BLOCK);
+                }
+                let k = load16(page.keys, block + d * KEY_BLOCK);
+                for q in 0..Q {
+                    let b = _mm512_set1_ps(*queries[q].get_unchecked(d));
+                    acc[q] = _mm512_fmadd_ps(b, k, acc[q]);
+                }
+            }
+            for q in 0..Q {
+                _mm512_storeu_ps(scores[q].as_mut_ptr().add(j), _mm512_mul_ps(acc[q], scale));
+            }
+        }
+        per_position(&mut scores, Q, n, page.keys);
+        softmax_step(&mut scores, n, visible, states);
+        per_position(&mut scores, Q, n, page.values);
+        let most = visible.iter().copied().max().unwrap_or(0);
+        for d0 in (0..hd).step_by(DIM_BLOCK) {
+            let mut acc = [_mm512_setzero_ps(); Q];
+            for q in 0..Q {
+                acc[q] = _mm512_loadu_ps(states[q].acc.as_ptr().add(d0));
+            }
+            let block = d0 * stride;
+            for j in 0..most {
+                prefetch(page.values, block + DIM_BLOCK * stride + j * DIM_BLOCK);
+                if let Some(next) = page.next_keys {
+                    let line = (d0 / DIM_BLOCK) * most + j;
+                    let per_line = 64 / next.value_bytes();
+                    if line * per_line < next.len() {
+                        prefetch(next, line * per_line);
+                    }
+                }
+                let v = load16(page.values, block + j * DIM_BLOCK);
+                for q in 0..Q {
+                    let p = _mm512_set1_ps(*scores[q].get_unchecked(j));
+                    acc[q] = _mm512_fmadd_ps(p, v, acc[q]);
+                }
+            }
+            for q in 0..Q {
+                _mm512_storeu_ps(states[q].acc.as_mut_ptr().add(d0), acc[q]);
+            }
+        }
+    }
+}
