@@ -59,6 +59,8 @@ impl TextStream {
             .min()
         {
             self.text.truncate(at);
+            // The stop string is gone for good: `finish` must not bring it back from the latest decode.
+            self.latest.clone_from(&self.text);
             let delta = self.text[self.emitted.min(at)..].to_string();
             self.emitted = self.text.len();
             return Pushed {
@@ -168,6 +170,18 @@ mod tests {
         assert_eq!(text, "Hi there");
         assert_eq!(d.concat(), "Hi there");
         assert!(d.iter().all(|s| !s.contains('\n')));
+    }
+
+    #[test]
+    fn a_stop_string_inside_one_token_is_cut_and_finish_adds_nothing() {
+        let vocab = [" small", " tree", "."];
+        let dec = |ids: &[u32]| ids.iter().map(|&i| vocab[i as usize]).collect::<String>();
+        let mut ts = TextStream::new(vec!["tree".into()]);
+        assert_eq!(ts.push(0, dec).delta, " small");
+        let p = ts.push(1, dec);
+        assert_eq!((p.delta.as_str(), p.stopped), (" ", true));
+        assert_eq!(ts.finish(), "");
+        assert_eq!(ts.text(), " small ");
     }
 
     #[test]

@@ -121,7 +121,8 @@ pub fn translate(kind: Kind, body: &[u8], id: &str) -> Result<Translated, BadPar
                 }
                 max_tokens = Some((k, n));
             }
-            "temperature" => number(&mut out, k, v, 0.0, 2.0)?,
+            // Above OpenAI's 2 is allowed: a higher temperature is still a temperature.
+            "temperature" => number(&mut out, k, v, 0.0, f64::INFINITY)?,
             "top_p" => number(&mut out, k, v, 0.0, 1.0)?,
             "seed" => {
                 if !v.is_null() {
@@ -240,6 +241,7 @@ fn number(
             out.insert(k.into(), v.clone());
             Ok(())
         }
+        _ if hi.is_infinite() => Err(bad(k, format!("`{k}` must be a number of at least {lo}"))),
         _ => Err(bad(k, format!("`{k}` must be a number from {lo} to {hi}"))),
     }
 }
@@ -445,7 +447,7 @@ mod tests {
             Some("n")
         );
         assert_eq!(
-            param(chat(json!({"messages": m, "temperature": 3}))).as_deref(),
+            param(chat(json!({"messages": m, "temperature": -1}))).as_deref(),
             Some("temperature")
         );
         assert_eq!(

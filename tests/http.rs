@@ -1,0 +1,238 @@
+//! The OpenAI-compatible HTTP API against the real `openai` Python package (tests/http_client.py), over TCP
+//! loopback with an API key and over a Unix socket, and `/metrics` read by `prometheus_client`'s parser.
+//!
+//! The package comes from the venv `.ci/run` makes (`BITNETD_TEST_PYTHON`, by default
+//! `/var/tmp/bitnetd-test-venv/bin/python`); without it the tests fail under `CI=true` and skip elsewhere.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::Daemon;
+use serde_json::{json, Value};
+
+const KEY: &str = "sk-bitnetd-test-key";
+
+/// The Python that has `openai` and `prometheus_client`, if there is one.
+fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("BITNETD_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp/bitnetd-test-venv/bin/python".into());
+    let ok = Command::new(&p)
+        .args(["-c", "import openai, prometheus_client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} has no openai/prometheus_client, and under CI=true no test may skip (.ci/run makes the venv)",
+        p.display()
+    );
+    eprintln!("SKIPPED: no Python with openai and prometheus_client (.ci/run makes it)");
+    None
+}
+
+/// A daemon serving HTTP on a free loopback port (with [`KEY`]) and on a Unix socket; returns it, the URL
+/// and the Unix socket's path.
+fn start(extra: &str) -> (Daemon, String, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, format!("{KEY}\n")).unwrap();
+    let uds = dir.path().join("http.sock");
+    let config = format!(
+        "{extra}\n[http]\nenabled = true\nlisten = [\"127.0.0.1:0\", \"unix:{}\"]\napi_key_file = \"{}\"\n",
+        uds.display(),
+        key.display()
+    );
+    let d = Daemon::start(&config);
+    d.wait_for_log("HTTP on http://127.0.0.1:", 1);
+    let log = d.log();
+    let at = log.find("HTTP on http://127.0.0.1:").unwrap() + "HTTP on ".len();
+    let url: String = log[at..]
+        .chars()
+        .take_while(|c| !matches!(c, ',' | ' ' | '\n'))
+        .collect();
+    // The key file can go: it was read at startup. The directory must outlive the socket, so it is kept.
+    std::mem::forget(dir);
+    (d, url, uds)
+}
+
+/// Runs a scenario of tests/http_client.py and returns its JSON.
+fn scenario(
+    py: &PathBuf,
+    name: &str,
+    url: Option<&str>,
+    uds: Option<&PathBuf>,
+    key: Option<&str>,
+) -> Value {
+    let mut cmd = Command::new(py);
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/http_client.py"))
+        .arg(name)
+        .env("NO_PROXY", "127.0.0.1,localhost");
+    if let Some(u) = url {
+        cmd.args(["--url", u]);
+    }
+    if let Some(p) = uds {
+        cmd.arg("--uds").arg(p);
+    }
+    if let Some(k) = key {
+        cmd.args(["--key", k]);
+    }
+    let out = common::run_ok(&mut cmd);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The value of the sample `name` with `labels` (0 when absent).
+fn sample(metrics: &Value, name: &str, labels: Value) -> f64 {
+    let want = labels.as_object().unwrap();
+    metrics["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == name)
+        .filter(|s| want.iter().all(|(k, v)| &s["labels"][k] == v))
+        .map(|s| s["value"].as_f64().unwrap())
+        .sum()
+}
+
+#[test]
+fn the_openai_package_chats_streams_and_completes_over_tcp_and_a_unix_socket() {
+    let Some(py) = python() else { return };
+    let (d, url, uds) = start("");
+    let tcp = scenario(&py, "suite", Some(&url), None, Some(KEY));
+    let unix = scenario(&py, "suite", None, Some(&uds), None);
+    for r in [&tcp, &unix] {
+        assert_eq!(r["chat"]["route_header"], "local", "{r}");
+        assert_eq!(r["chat"]["bitnetd"]["route"], "local");
+        assert_eq!(r["chat"]["bitnetd"]["route_reason"], "simple");
+        assert_eq!(r["chat"]["finish_reason"], "length");
+        assert_eq!(r["chat"]["usage"]["completion_tokens"], 8);
+        assert_eq!(r["stream"]["content_type"], "text/event-stream");
+        assert_eq!(r["stream"]["bitnetd"]["route"], "local");
+        let (cut, full) = (
+            r["stop"]["text"].as_str().unwrap(),
+            r["stop"]["full"].as_str().unwrap(),
+        );
+        assert!(cut.len() < full.len() && full.starts_with(cut), "{r}");
+        assert_eq!(r["models"], json!(["bitnet-b1.58-wordnet-5m"]));
+        assert_eq!(
+            r["bad"],
+            json!({"status": 400, "param": "n", "code": "bad_request"})
+        );
+    }
+    // Greedy answers are the same whichever way they come.
+    assert_eq!(tcp["chat"]["text"], unix["chat"]["text"]);
+    let auth = scenario(&py, "unauthorized", Some(&url), None, None);
+    assert_eq!(auth, json!({"wrong_key": 401, "no_key": 401}));
+
+    // The counters match the replies: six answers and one 400 per suite; a 401 never reaches the dispatcher.
+    let m = scenario(&py, "metrics", None, Some(&uds), None);
+    assert!(m["content_type"]
+        .as_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let ok = json!({"source": "http", "route": "local", "outcome": "ok"});
+    assert_eq!(sample(&m, "bitnetd_requests_total", ok), 12.0, "{m}");
+    let rejected =
+        json!({"source": "http", "route": "none", "reason": "bad_request", "outcome": "rejected"});
+    assert_eq!(sample(&m, "bitnetd_requests_total", rejected), 2.0);
+    assert_eq!(
+        sample(&m, "bitnetd_errors_total", json!({"code": "bad_request"})),
+        2.0
+    );
+    let tokens: u64 = [&tcp, &unix]
+        .iter()
+        .map(|r| {
+            ["chat", "completion"]
+                .iter()
+                .map(|k| r[k]["usage"]["completion_tokens"].as_u64().unwrap())
+                .sum::<u64>()
+        })
+        .sum();
+    // Streamed twins of the chat and the completion, and the stop pair, add their own tokens.
+    assert!(
+        sample(
+            &m,
+            "bitnetd_tokens_generated_total",
+            json!({"route": "local"})
+        ) >= 2.0 * tokens as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "bitnetd_time_to_first_token_seconds_count",
+            json!({"route": "local"})
+        ),
+        12.0
+    );
+    assert_eq!(sample(&m, "bitnetd_in_flight", json!({})), 0.0);
+    assert_eq!(
+        sample(&m, "bitnetd_memory_budget_bytes", json!({})),
+        4.0 * 1024.0 * 1024.0 * 1024.0
+    );
+    assert_eq!(
+        sample(&m, "bitnetd_thermal_level", json!({"state": "normal"})),
+        1.0
+    );
+    drop(d);
+}
+
+#[test]
+fn a_full_queue_gets_429_and_a_client_that_leaves_cancels_its_generation() {
+    let Some(py) = python() else { return };
+    let (d, url, uds) = start("[engine]\nslots = 1\nqueue = 1\n");
+    // One request runs, one waits: the queue is full.
+    let mut c = d.connect();
+    let long = |id: &str| json!({"id": id, "prompt": "The", "max_tokens": 2000, "temperature": 20.0, "seed": 1, "repetition_penalty": 1.0});
+    c.send(&long("r0"));
+    assert_eq!(c.recv()["type"], "token");
+    c.send(&long("r1"));
+    common::wait_for_status(&mut c, |s| s["engine"]["queue_depth"] == 1);
+    let busy = scenario(&py, "busy", Some(&url), None, Some(KEY));
+    assert_eq!(busy["status"], 429, "{busy}");
+    assert_eq!(busy["code"], "busy");
+    assert!(
+        busy["retry_after"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    for id in ["r0", "r1"] {
+        c.send(&json!({"id": id, "cancel": true}));
+    }
+    let mut ended = 0;
+    while ended < 2 {
+        if c.recv()["type"] == "done" {
+            ended += 1;
+        }
+    }
+
+    // A streamed request whose client closes after three tokens is cancelled, not run to max_tokens.
+    let closed = scenario(&py, "cancel", None, Some(&uds), None);
+    assert_eq!(closed["tokens_before_close"], 3);
+    d.wait_for_log("HTTP client gone: cancelling its request", 1);
+    let s = common::wait_for_status(&mut c, |s| s["requests"]["in_flight"] == 0);
+    assert_eq!(s["requests"]["rejected"], 1, "{s}");
+    let m = scenario(&py, "metrics", None, Some(&uds), None);
+    let cancelled = json!({"source": "http", "route": "local", "outcome": "cancelled"});
+    assert_eq!(sample(&m, "bitnetd_requests_total", cancelled), 1.0, "{m}");
+    let busy = json!({"source": "http", "route": "none", "reason": "busy", "outcome": "rejected"});
+    assert_eq!(sample(&m, "bitnetd_requests_total", busy), 1.0);
+    assert_eq!(
+        sample(&m, "bitnetd_errors_total", json!({"code": "busy"})),
+        1.0
+    );
+    assert!(
+        sample(
+            &m,
+            "bitnetd_tokens_generated_total",
+            json!({"route": "local"})
+        ) < 2000.0
+    );
+}
