@@ -5,7 +5,9 @@
 //!   dispatch and queue hand-off);
 //! - idle resident size before the model is loaded and after, as the daemon reports it;
 //! - with Mosquitto installed, the same over MQTT: a one-token request's round trip through the broker minus
-//!   the daemon's `timing.total_ms`, and the round trip of a status request.
+//!   the daemon's `timing.total_ms`, and the round trip of a status request;
+//! - over HTTP (a keep-alive connection on loopback): a one-token `/v1/completions` request's round trip minus
+//!   the daemon's `timing.total_ms`, and the round trip of `GET /health`.
 //!
 //!   cargo bench --bench daemon -- [--model DIR] [--runs 2000]
 
@@ -60,7 +62,13 @@ fn main() {
         .as_ref()
         .map(|(_, port)| format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nnode = \"bench\"\n"))
         .unwrap_or_default();
-    std::fs::write(&config, mqtt_section).unwrap();
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let http_section = format!("[http]\nenabled = true\nlisten = [\"127.0.0.1:{http_port}\"]\n");
+    std::fs::write(&config, format!("{mqtt_section}{http_section}")).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bitnetd"));
     cmd.arg("run")
         .arg("--config")
@@ -112,6 +120,7 @@ fn main() {
     let mqtt = broker
         .as_ref()
         .map(|(_, port)| mqtt_overhead(*port, runs.min(500)));
+    let http = http_overhead(http_port, runs.min(500));
     let busy = c.ask(&json!({"cmd": "status"}));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
@@ -132,6 +141,10 @@ fn main() {
         "rss_idle_with_model_mib": mib(&idle["memory"]["rss_bytes"]),
         "rss_after_requests_mib": mib(&busy["memory"]["rss_bytes"]),
         "runs": runs,
+        "http": {
+            "one_token_overhead_us": {"p50": http.0 .0, "p99": http.0 .1},
+            "health_rtt_us": {"p50": http.1 .0, "p99": http.1 .1},
+        },
         "mqtt": mqtt.map(|((m50, m99), (q50, q99))| json!({
             "one_token_overhead_us": {"p50": m50, "p99": m99},
             "status_rtt_us": {"p50": q50, "p99": q99},
@@ -141,6 +154,11 @@ fn main() {
     println!(
         "status round trip p50 {s50:.0} us (p99 {s99:.0}); refused request p50 {r50:.0} us (p99 {r99:.0}); \
          daemon overhead around a 1-token request p50 {w50:.0} us (p99 {w99:.0})"
+    );
+    println!(
+        "HTTP (loopback, keep-alive): overhead around a 1-token request p50 {:.0} us (p99 {:.0}); /health round \
+         trip p50 {:.0} us (p99 {:.0})",
+        http.0 .0, http.0 .1, http.1 .0, http.1 .1
     );
     if let Some(m) = &out["mqtt"].as_object() {
         println!(
@@ -256,4 +274,66 @@ fn mqtt_overhead(port: u16, runs: usize) -> ((f64, f64), (f64, f64)) {
         status.push(rtt);
     }
     (percentiles(one), percentiles(status))
+}
+
+/// One HTTP/1.1 exchange on a keep-alive connection: the status and the body.
+fn http_exchange(
+    w: &mut std::net::TcpStream,
+    r: &mut BufReader<std::net::TcpStream>,
+    request: &str,
+) -> (u16, Vec<u8>) {
+    use std::io::Read;
+    w.write_all(request.as_bytes()).unwrap();
+    let mut status = 0;
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(rest) = line.strip_prefix("HTTP/1.1 ") {
+            status = rest[..3].parse().unwrap();
+        } else if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).unwrap();
+    (status, body)
+}
+
+/// Over HTTP: the overhead around one-token completions (round trip minus the daemon's own time) and the
+/// round trip of `GET /health`, p50 and p99 in microseconds.
+fn http_overhead(port: u16, runs: usize) -> ((f64, f64), (f64, f64)) {
+    let w = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    w.set_nodelay(true).unwrap();
+    let mut r = BufReader::new(w.try_clone().unwrap());
+    let mut w = w;
+    let body = r#"{"prompt": "A dog is", "max_tokens": 1}"#;
+    let completion = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut overhead = vec![];
+    for _ in 0..runs {
+        let t = Instant::now();
+        let (status, reply) = http_exchange(&mut w, &mut r, &completion);
+        let rtt = t.elapsed().as_secs_f64() * 1e6;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+        let v: Value = serde_json::from_slice(&reply).unwrap();
+        overhead.push(rtt - v["bitnetd"]["timing"]["total_ms"].as_f64().unwrap() * 1e3);
+    }
+    let health = "GET /health HTTP/1.1\r\nHost: bench\r\n\r\n";
+    let health_us: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            assert_eq!(http_exchange(&mut w, &mut r, health).0, 200);
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    (percentiles(overhead), percentiles(health_us))
 }

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -48,13 +49,7 @@ fn start(extra: &str) -> (Daemon, String, PathBuf) {
         key.display()
     );
     let d = Daemon::start(&config);
-    d.wait_for_log("HTTP on http://127.0.0.1:", 1);
-    let log = d.log();
-    let at = log.find("HTTP on http://127.0.0.1:").unwrap() + "HTTP on ".len();
-    let url: String = log[at..]
-        .chars()
-        .take_while(|c| !matches!(c, ',' | ' ' | '\n'))
-        .collect();
+    let url = format!("http://{}", d.http_addr());
     // The key file can go: it was read at startup. The directory must outlive the socket, so it is kept.
     std::mem::forget(dir);
     (d, url, uds)
@@ -235,4 +230,47 @@ fn a_full_queue_gets_429_and_a_client_that_leaves_cancels_its_generation() {
             json!({"route": "local"})
         ) < 2000.0
     );
+}
+
+#[test]
+fn a_body_over_the_limit_gets_413_before_it_is_sent_and_unknown_paths_404() {
+    let d = Daemon::start(
+        "[http]\nenabled = true\nlisten = [\"127.0.0.1:0\"]\nmax_body_bytes = 4096\n",
+    );
+    let addr = d.http_addr();
+    // Headers only: the 413 comes without the body ever being sent.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(common::PATIENCE)).unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+    // A body that says nothing of its length is cut at the limit too.
+    let big = format!("{{\"prompt\": \"{}\"}}", "x".repeat(5000));
+    let (status, body) = common::http(&addr, "POST", "/v1/completions", "", &big);
+    assert_eq!(status, 413, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "too_large");
+    let (status, body) = common::http(&addr, "GET", "/v2/nothing", "", "");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = common::http(&addr, "GET", "/health", "", "");
+    assert_eq!(
+        (
+            status,
+            serde_json::from_str::<Value>(&body).unwrap()["status"].clone()
+        ),
+        (200, json!("ready"))
+    );
+    // The daemon still answers.
+    let (status, _) = common::http(
+        &addr,
+        "POST",
+        "/v1/completions",
+        "",
+        r#"{"prompt": "A dog", "max_tokens": 2}"#,
+    );
+    assert_eq!(status, 200);
 }

@@ -107,3 +107,32 @@ fn a_power_sensor_over_the_limit_takes_threads_away_until_the_draw_falls() {
     put_file(&board, "sys/class/hwmon/hwmon3/power1_input", "3000000\n");
     wait_for_status(&mut c, |s| s["engine"]["threads"] == 2);
 }
+
+#[test]
+fn metrics_report_the_battery_and_the_power_draw() {
+    let d = Daemon::start(
+        "[budget]\nsample_ms = 50\n[http]\nenabled = true\nlisten = [\"127.0.0.1:0\"]\n",
+    );
+    let board = d.board();
+    let mut c = d.connect();
+    set_battery(&board, 50, false);
+    put_file(&board, "sys/class/hwmon/hwmon3/name", "ina219\n");
+    put_file(&board, "sys/class/hwmon/hwmon3/power1_input", "7200000\n");
+    wait_for_budget(&mut c, |b| {
+        b["power"]["watts"] == 7.2 && b["power"]["battery_percent"] == 50.0
+    });
+    let (status, text) = common::http(&d.http_addr(), "GET", "/metrics", "", "");
+    assert_eq!(status, 200);
+    assert_eq!(
+        common::metric(&text, "bitnetd_battery_percent"),
+        Some(50.0),
+        "{text}"
+    );
+    assert_eq!(common::metric(&text, "bitnetd_on_battery"), Some(1.0));
+    let watts = common::metric(&text, "bitnetd_power_watts").unwrap();
+    assert!((watts - 7.2).abs() < 1e-4, "{watts}");
+    assert!(
+        text.contains(r#"bitnetd_power_level{state="normal"} 1"#),
+        "{text}"
+    );
+}

@@ -753,3 +753,51 @@ fn mqtt_requests_get_the_reasoning_as_its_own_messages() {
     assert_eq!(done["usage"]["reasoning_tokens"], 2, "{done}");
     assert_eq!(done["model"], "kimi-k2.6");
 }
+
+#[test]
+fn over_http_cloud_work_reaches_kimi_private_work_never_does_and_cloud_errors_are_502() {
+    let kimi = FakeKimi::start();
+    let http = "[http]\nenabled = true\nlisten = [\"127.0.0.1:0\"]\n";
+    let d = Daemon::start_with(&config(&kimi, http), with_key);
+    let mut c = d.connect();
+    wait_link(&mut c, "online");
+    let addr = d.http_addr();
+    let chat = |content: &str, extra: &str| {
+        let body = format!(
+            r#"{{"messages": [{{"role": "user", "content": "{content}"}}], "max_tokens": 8{extra}}}"#
+        );
+        let (status, body) = common::http(&addr, "POST", "/v1/chat/completions", "", &body);
+        (status, serde_json::from_str::<Value>(&body).unwrap())
+    };
+    let (status, v) = chat("hi", r#", "route": "cloud""#);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello from Kimi");
+    assert_eq!(v["model"], "kimi-test");
+    assert_eq!(
+        (
+            v["bitnetd"]["route"].as_str(),
+            v["bitnetd"]["route_reason"].as_str()
+        ),
+        (Some("cloud"), Some("requested"))
+    );
+    let (_, models) = common::http(&addr, "GET", "/v1/models", "", "");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["bitnet-b1.58-wordnet-5m", "kimi-test"]);
+    // Private work stays on the board, even when its text looks like cloud work.
+    let (status, v) = chat(COMPLEX, r#", "private": true"#);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["bitnetd"]["route"], "local");
+    assert_eq!(kimi.chats().len(), 1, "only the cloud request reached Kimi");
+    // A cloud failure with no fallback (route: cloud) is a 502 with its cause.
+    kimi.script([Behavior::error(401, "invalid_authentication_error")]);
+    let (status, v) = chat("hi", r#", "route": "cloud""#);
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(v["error"]["code"], "cloud_error");
+    assert_eq!(v["error"]["cause"], "unauthorized");
+}

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -209,7 +210,7 @@ fn units_pass_systemd_analyze_verify() {
     }
     let dir = tempfile::tempdir().unwrap();
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    for name in ["bitnetd.service", "bitnetd.socket"] {
+    for name in ["bitnetd.service", "bitnetd.socket", "bitnetd-http.socket"] {
         let text = std::fs::read_to_string(units.join(name)).unwrap();
         // verify checks that ExecStart= exists; point it at the binary under test.
         let text = text.replace("/usr/bin/bitnetd", env!("CARGO_BIN_EXE_bitnetd"));
@@ -218,6 +219,7 @@ fn units_pass_systemd_analyze_verify() {
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path().join("bitnetd.socket"))
+        .arg(dir.path().join("bitnetd-http.socket"))
         .arg(dir.path().join("bitnetd.service"))
         .output()
         .unwrap();
@@ -225,4 +227,65 @@ fn units_pass_systemd_analyze_verify() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("Unknown"), "{stderr}");
     assert!(!stderr.contains("ignoring"), "{stderr}");
+}
+
+#[test]
+fn socket_activation_passes_the_http_socket_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let api = UnixListener::bind(&path).unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = http.local_addr().unwrap();
+    let cfg = dir.path().join("bitnetd.toml");
+    // `listen` names a port nobody may take: the passed socket must be served instead.
+    std::fs::write(&cfg, "[http]\nenabled = true\nlisten = [\"127.0.0.1:1\"]\n").unwrap();
+    let (a, h) = (api.as_raw_fd(), http.as_raw_fd());
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=bitnetd.socket:http exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_bitnetd"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("BITNETD_SOCKET", dir.path().join("unused.sock"))
+        .env("BITNETD_LOG", "info")
+        .stderr(std::process::Stdio::null())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("BITNETD_MODEL");
+    // SAFETY: dup and dup2 are async-signal-safe; the closure touches only descriptor numbers. Both are moved
+    // out of the way first, so that neither overwrites the other on its way to 3 and 4.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (from, high) in [(a, 100), (h, 101)] {
+                if libc::dup2(from, high) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (high, to) in [(100, 3), (101, 4)] {
+                if libc::dup2(high, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop((api, http));
+    // The API socket answers status once the model is loaded; by then HTTP says ready.
+    let mut c = Client::connect(&path);
+    assert_eq!(c.status()["state"], "ready");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(common::PATIENCE)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""status":"ready""#), "{answer}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < common::PATIENCE);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.wait().unwrap().success());
 }

@@ -11,9 +11,6 @@
 //! x86_64 (an AVX-512 version measured slower on a Xeon whose clock drops under 512-bit FMA), NEON on aarch64 (f16 through `fcvtl`, in every ARMv8 core), and a portable one; all three give the
 //! same results up to the order of additions.
 
-static ATTN256: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os("ATTN256").is_some());
-
 /// A query tile: up to this many queries share each key and value load.
 pub const QUERY_TILE: usize = 4;
 /// Keys scored together (and so the granularity of a page's key columns).
@@ -183,11 +180,6 @@ pub fn update(queries: &[&[f32]], visible: &[usize], page: &Page<'_>, states: &m
         .iter()
         .all(|r| r.scales().is_none_or(|s| s.len() >= n)));
     let simd = hd.is_multiple_of(DIM_BLOCK);
-    #[cfg(target_arch = "x86_64")]
-    if simd && std::arch::is_x86_feature_detected!("avx512f") && !*ATTN256 {
-        // SAFETY: feature detected; bounds asserted above.
-        return unsafe { x86::update512(queries, visible, page, states) };
-    }
     #[cfg(target_arch = "x86_64")]
     if simd
         && std::arch::is_x86_feature_detected!("avx2")

@@ -369,3 +369,45 @@ pub fn wait_for_status(c: &mut Client, check: impl Fn(&Value) -> bool) -> Value 
 pub fn wait_for_budget(c: &mut Client, check: impl Fn(&Value) -> bool) -> Value {
     wait_for_status(c, |s| check(&s["budget"]))
 }
+
+/// One HTTP/1.1 request to `addr` (`127.0.0.1:port`) with `Connection: close`: the status and the body.
+/// `extra` holds further header lines, each ending in `\r\n`.
+pub fn http(addr: &str, method: &str, path: &str, extra: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+impl Daemon {
+    /// The TCP address the HTTP API listens on (`127.0.0.1:port`), from the `ready` log line; waits for it.
+    pub fn http_addr(&self) -> String {
+        self.wait_for_log("HTTP on http://", 1);
+        let log = self.log();
+        let at = log.find("HTTP on http://").unwrap() + "HTTP on http://".len();
+        log[at..]
+            .chars()
+            .take_while(|c| !matches!(c, ',' | ' ' | '\n'))
+            .collect()
+    }
+}
+
+/// The value of the unlabelled metric `name` in Prometheus text, if present.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

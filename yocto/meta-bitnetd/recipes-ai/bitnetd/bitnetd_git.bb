@@ -34,11 +34,12 @@ do_install:append() {
     install -d ${D}${systemd_system_unitdir}
     install -m 0644 ${S}/systemd/bitnetd.service ${D}${systemd_system_unitdir}/bitnetd.service
     install -m 0644 ${S}/systemd/bitnetd.socket ${D}${systemd_system_unitdir}/bitnetd.socket
+    install -m 0644 ${S}/systemd/bitnetd-http.socket ${D}${systemd_system_unitdir}/bitnetd-http.socket
     install -d ${D}${sysconfdir}/bitnetd
     install -m 0644 ${S}/packaging/bitnetd.toml ${D}${sysconfdir}/bitnetd/bitnetd.toml
 }
 
-FILES:${PN} += "${systemd_system_unitdir}/bitnetd.service ${systemd_system_unitdir}/bitnetd.socket"
+FILES:${PN} += "${systemd_system_unitdir}/bitnetd.service ${systemd_system_unitdir}/bitnetd.socket ${systemd_system_unitdir}/bitnetd-http.socket"
 CONFFILES:${PN} = "${sysconfdir}/bitnetd/bitnetd.toml"
 
 # The shipped default model; replace it with your own model recipe, or point [model] path elsewhere.
