@@ -67,8 +67,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let stop_accepting = CancellationToken::new();
     // HTTP listens while the model loads (its /health says so); everything else starts after.
     let _stop_on_error = stop_accepting.clone().drop_guard();
+    // HTTP stays up through the drain, so that /health says `draining` and new requests get 503.
+    let stop_http = CancellationToken::new();
+    let _stop_http_on_error = stop_http.clone().drop_guard();
     let (serving_tx, serving_rx) = tokio::sync::watch::channel(None);
-    let http_where = start_http(&config, serving_rx, &stop_accepting, &tracker)?;
+    let http_where = start_http(&config, serving_rx, &stop_http, &tracker)?;
 
     let Some(model) = load(&config, &notify, &shutdown).await? else {
         notify.stopping("stopped while loading");
@@ -192,6 +195,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         dispatcher.cancel_all();
         let _ = tokio::time::timeout(CANCEL_GRACE, dispatcher.idle()).await;
     }
+    stop_http.cancel();
     tracker.close();
     if tokio::time::timeout(CANCEL_GRACE, tracker.wait())
         .await

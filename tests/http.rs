@@ -274,3 +274,35 @@ fn a_body_over_the_limit_gets_413_before_it_is_sent_and_unknown_paths_404() {
     );
     assert_eq!(status, 200);
 }
+
+#[test]
+fn while_draining_health_says_so_and_new_requests_get_503() {
+    let mut d = Daemon::start(
+        "[http]\nenabled = true\nlisten = [\"127.0.0.1:0\"]\n[engine]\ndrain_timeout_secs = 30\n",
+    );
+    let addr = d.http_addr();
+    let mut c = d.connect();
+    c.send(
+        &json!({"id": "last", "prompt": "The", "max_tokens": 2000, "temperature": 20.0, "seed": 1}),
+    );
+    assert_eq!(c.recv()["type"], "token");
+    d.signal(libc::SIGTERM);
+    d.wait_for_log("shutting down", 1);
+    let (status, body) = common::http(&addr, "GET", "/health", "", "");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "draining"
+    );
+    let (status, body) = common::http(&addr, "POST", "/v1/completions", "", r#"{"prompt": "A"}"#);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        "shutting_down"
+    );
+    // The request in flight still ends with its answer, and then the daemon exits.
+    c.send(&json!({"id": "last", "cancel": true}));
+    let (_, done) = c.finish(&json!("last"));
+    assert_eq!(done["type"], "done");
+    assert!(d.wait().success());
+}
