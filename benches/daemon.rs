@@ -60,7 +60,9 @@ fn main() {
     let config = dir.path().join("bitnetd.toml");
     let mqtt_section = broker
         .as_ref()
-        .map(|(_, port)| format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nnode = \"bench\"\n"))
+        .map(|(_, port)| {
+            format!("[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nnode = \"bench\"\nclient_requests_per_minute = 0\n")
+        })
         .unwrap_or_default();
     let http_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -315,7 +317,7 @@ fn http_overhead(port: u16, runs: usize) -> ((f64, f64), (f64, f64)) {
     let mut w = w;
     let body = r#"{"prompt": "A dog is", "max_tokens": 1}"#;
     let completion = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let mut overhead = vec![];
@@ -327,7 +329,7 @@ fn http_overhead(port: u16, runs: usize) -> ((f64, f64), (f64, f64)) {
         let v: Value = serde_json::from_slice(&reply).unwrap();
         overhead.push(rtt - v["bitnetd"]["timing"]["total_ms"].as_f64().unwrap() * 1e3);
     }
-    let health = "GET /health HTTP/1.1\r\nHost: bench\r\n\r\n";
+    let health = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     let health_us: Vec<f64> = (0..runs)
         .map(|_| {
             let t = Instant::now();

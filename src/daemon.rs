@@ -1,6 +1,7 @@
 //! `bitnetd run`: load the model, start the engine, serve the sockets, supervise with systemd, and shut down
 //! cleanly when `shutdown` fires, answering every accepted request first.
 
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,6 +219,16 @@ fn start_http(
 ) -> Result<Option<String>, DaemonError> {
     let h = &config.http;
     if !h.enabled {
+        // A socket systemd passed for HTTP would take connections nobody answers: close it, and say why.
+        let passed = crate::server::listener::take_passed(crate::server::listener::is_http_name)?;
+        if !passed.is_empty() {
+            log::warn!(sockets = passed.len();
+                "systemd passed HTTP sockets but [http] is not enabled: closing them (see docs/http.md)");
+            for fd in passed {
+                // SAFETY: a passed descriptor, handed out once by `take_passed` and owned by nobody else.
+                drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            }
+        }
         return Ok(None);
     }
     let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);

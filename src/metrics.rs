@@ -127,6 +127,10 @@ impl Metrics {
                 };
                 self.request(origin.source, d.route.as_str(), origin.reason, outcome);
             }
+            // A cloud request whose client left ends with a `cancelled` cause: a cancellation, not a failure.
+            Reply::Error(e) if e.cause.as_deref() == Some("cancelled") => {
+                self.request(origin.source, origin.route, origin.reason, "cancelled");
+            }
             Reply::Error(e) => {
                 self.request(origin.source, origin.route, origin.reason, "error");
                 self.error(e.code);

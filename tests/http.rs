@@ -242,7 +242,7 @@ fn a_body_over_the_limit_gets_413_before_it_is_sent_and_unknown_paths_404() {
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(common::PATIENCE)).unwrap();
     s.write_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n",
     )
     .unwrap();
     let mut head = [0u8; 12];
@@ -256,6 +256,40 @@ fn a_body_over_the_limit_gets_413_before_it_is_sent_and_unknown_paths_404() {
     assert_eq!(e["error"]["code"], "too_large");
     let (status, body) = common::http(&addr, "GET", "/v2/nothing", "", "");
     assert_eq!(status, 404, "{body}");
+    // Without a key, TCP serves this machine only: no web page may drive it, directly or by DNS rebinding.
+    let ask = r#"{"prompt": "A dog", "max_tokens": 2}"#;
+    let (status, body) = common::http(
+        &addr,
+        "POST",
+        "/v1/completions",
+        "Origin: https://evil.example\r\n",
+        ask,
+    );
+    assert_eq!(status, 403, "{body}");
+    let (status, _) = common::http(
+        &addr,
+        "POST",
+        "/v1/completions",
+        "Origin: http://localhost:3000\r\n",
+        ask,
+    );
+    assert_eq!(status, 200);
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: rebound.example\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    // A form or text/plain body (what a page may send without asking) is not JSON: 415.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(
+        format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{ask}", ask.len())
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
     let (status, body) = common::http(&addr, "GET", "/health", "", "");
     assert_eq!(
         (
@@ -305,4 +339,16 @@ fn while_draining_health_says_so_and_new_requests_get_503() {
     let (_, done) = c.finish(&json!("last"));
     assert_eq!(done["type"], "done");
     assert!(d.wait().success());
+}
+
+#[test]
+fn an_address_beyond_loopback_without_a_key_stops_the_start_with_a_clear_error() {
+    let mut d = Daemon::spawn("[http]\nenabled = true\nlisten = [\"0.0.0.0:0\"]\n", |_| {});
+    let status = d.wait();
+    assert!(!status.success());
+    let log = d.log();
+    assert!(
+        log.contains("reachable from the network, and no API key is set"),
+        "{log}"
+    );
 }

@@ -275,7 +275,7 @@ fn socket_activation_passes_the_http_socket_by_name() {
     assert_eq!(c.status()["state"], "ready");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(common::PATIENCE)).unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();

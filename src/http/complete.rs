@@ -22,6 +22,7 @@ use super::openai::{self, Kind};
 use super::reply::{self, Head, Piece};
 use super::{json_body, App};
 use crate::dispatch::{Dispatcher, Origin, Routed};
+use crate::errors::{Refusal, Scope};
 use crate::handler::{Handler, Replies};
 use crate::protocol::{self, Id, Reply, WireError};
 
@@ -62,6 +63,8 @@ impl Replies for HttpReplies {
 struct CancelOnDrop {
     handler: Arc<Handler<u64>>,
     key: u64,
+    /// The request's place among `[http] max_in_flight`, freed with the response.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for CancelOnDrop {
@@ -82,16 +85,29 @@ pub(super) async fn complete(
 ) -> HttpResult<Response> {
     app.authorize(&headers)?;
     let d = app.dispatcher()?;
-    let handler = app.handler(&d);
+    let refuse = |code: protocol::ErrorCode, message: String| {
+        d.record_rejected("http", code);
+        HttpError::from_reply(&WireError::new(code, message).into())
+    };
+    // JSON only: a browser's cross-origin "simple" request (text/plain, a form) cannot get this far.
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        d.record_rejected("http", protocol::ErrorCode::BadRequest);
+        return Err(HttpError::http(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON, with `Content-Type: application/json`",
+        ));
+    }
     let limit = app.shared.max_body_bytes;
     let too_large = || {
-        d.record_rejected("http", protocol::ErrorCode::TooLarge);
-        HttpError::from_reply(
-            &WireError::new(
-                protocol::ErrorCode::TooLarge,
-                format!("the body is over {limit} bytes ([http] max_body_bytes)"),
-            )
-            .into(),
+        refuse(
+            protocol::ErrorCode::TooLarge,
+            format!("the body is over {limit} bytes ([http] max_body_bytes)"),
         )
     };
     let declared = headers
@@ -101,11 +117,32 @@ pub(super) async fn complete(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_large())?;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) if over_limit(&e) => return Err(too_large()),
+        // The client broke off or sent a malformed body: nobody is left to answer, and nothing was accepted.
+        Err(e) => {
+            return Err(refuse(
+                protocol::ErrorCode::BadRequest,
+                format!("reading the body: {e}"),
+            ))
+        }
+    };
+    // The permit is held until the answer is sent (or the client leaves): a semaphore taken before the work.
+    let Ok(permit) = app.shared.slots.clone().try_acquire_owned() else {
+        let e = WireError::from(Refusal::ClientLimit {
+            limit: app.shared.max_in_flight,
+            scope: Scope::Http,
+        });
+        d.record_rejected("http", e.code);
+        return Err(HttpError::from_reply(&e.into()));
+    };
     let id = format!("{}{:016x}", kind.id_prefix(), rand::random::<u64>());
-    let t = match openai::translate(kind, &bytes, &id) {
+    let models = openai::Models {
+        local: d.model_name().to_string(),
+        cloud: d.cloud_model(),
+    };
+    let t = match openai::translate(kind, &bytes, &id, &models) {
         Ok(t) => t,
         Err(e) => {
             d.record_rejected("http", protocol::ErrorCode::BadRequest);
@@ -113,12 +150,17 @@ pub(super) async fn complete(
         }
     };
     let parsed = protocol::parse_value(t.request).map_err(WireError::from);
+    let handler = app.handler(&d);
     let key = app.next_key();
     let (tx, mut rx) = unbounded_channel();
     handler
         .handle(parsed, Origin::now("http"), HttpReplies { key, tx })
         .await;
-    let guard = CancelOnDrop { handler, key };
+    let guard = CancelOnDrop {
+        handler,
+        key,
+        _permit: permit,
+    };
     let mut routed = None;
     let first = loop {
         match rx.recv().await {
@@ -133,10 +175,8 @@ pub(super) async fn complete(
     };
     let (route, reason) = routed.map_or(("none", ""), |r| (r.route, r.reason));
     let model = match route {
-        "cloud" | "deferred" => d
-            .cloud_model()
-            .unwrap_or_else(|| d.model_name().to_string()),
-        _ => d.model_name().to_string(),
+        "cloud" | "deferred" => models.cloud.unwrap_or(models.local),
+        _ => models.local,
     };
     let head = Head {
         kind,
@@ -169,6 +209,18 @@ pub(super) async fn complete(
     Ok(response)
 }
 
+/// True when reading a body failed because it passed the limit.
+fn over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// The body of a deferred request (202): where to pick up its answer.
 fn deferred_body(id: &str, position: usize) -> Response {
     json_body(&json!({
@@ -191,7 +243,12 @@ async fn collect(
         match r {
             Reply::Token { text: t, .. } => text.push_str(&t),
             Reply::Reasoning { text: t, .. } => reasoning.push_str(&t),
-            Reply::Done(d) => return Ok(json_body(&reply::body(&head, &d, &text, &reasoning))),
+            Reply::Done(d) => {
+                // Not streamed, the text comes whole in `done` (streamed, it came as tokens).
+                let text = d.text.clone().unwrap_or(text);
+                let reasoning = d.reasoning.clone().unwrap_or(reasoning);
+                return Ok(json_body(&reply::body(&head, &d, &text, &reasoning)));
+            }
             Reply::Error(e) => return Err(HttpError::from_reply(&e)),
             Reply::Deferred { position, .. } => return Ok(deferred_body(&head.id, position)),
             Reply::Status(_) => {}
@@ -310,6 +367,17 @@ use futures_util::StreamExt;
 /// `GET /v1/results/{id}`: a deferred request's answer as the body it would have had (200), 202 while it
 /// waits, or the error it ended with.
 pub(super) fn deferred_result(d: &Dispatcher, id: &str) -> HttpResult<Response> {
+    // Only HTTP's own ids: the socket's and MQTT's are chosen by their clients, and are theirs to fetch.
+    if ![Kind::Chat, Kind::Completion]
+        .iter()
+        .any(|k| id.starts_with(k.id_prefix()))
+    {
+        return Err(HttpError::http(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such deferred request",
+        ));
+    }
     let kind = if id.starts_with(Kind::Chat.id_prefix()) {
         Kind::Chat
     } else {

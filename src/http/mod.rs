@@ -45,23 +45,53 @@ struct Shared {
     /// `None` until the model is loaded.
     dispatcher: watch::Receiver<Option<Arc<Dispatcher>>>,
     handler: std::sync::OnceLock<Arc<Handler<u64>>>,
+    /// `[http] max_in_flight` permits: one per request until its answer is sent.
+    slots: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
     max_body_bytes: usize,
     key: Option<ApiKey>,
     next_key: AtomicU64,
 }
 
-/// One listener's state: the shared part, and whether its clients must send the key.
+/// One listener's state: the shared part, whether its clients must send the key, and whether it is TCP.
 #[derive(Clone)]
 struct App {
     shared: Arc<Shared>,
     needs_key: bool,
+    tcp: bool,
+}
+
+/// True for a `Host` or `Origin` naming this machine's loopback (`localhost`, `127.0.0.1`, `[::1]`, any port).
+fn is_loopback_name(value: &str) -> bool {
+    let host = value.split_once("://").map_or(value, |(_, rest)| rest);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl App {
-    /// 401 unless the request carries the key (when this listener needs one).
+    /// 401 unless the request carries the key (when this listener needs one). TCP without a key serves only
+    /// this machine: a request must name a loopback host, and a browser's must come from a loopback origin,
+    /// so that a web page cannot drive the daemon (DNS rebinding, cross-site requests).
     fn authorize(&self, headers: &HeaderMap) -> HttpResult<()> {
         let Some(key) = self.shared.key.as_ref().filter(|_| self.needs_key) else {
+            if self.tcp {
+                let header = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
+                let host_ok = header(header::HOST).is_some_and(is_loopback_name);
+                let origin_ok = header(header::ORIGIN).is_none_or(is_loopback_name);
+                if !(host_ok && origin_ok) {
+                    return Err(HttpError::http(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "without an API key, this address serves only this machine (Host and Origin must be loopback)",
+                    ));
+                }
+            }
             return Ok(());
         };
         let offered = headers
@@ -129,6 +159,7 @@ pub fn serve(
     let shared = Arc::new(Shared {
         dispatcher,
         handler: std::sync::OnceLock::new(),
+        slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight)),
         max_in_flight: cfg.max_in_flight,
         max_body_bytes: cfg.max_body_bytes,
         key,
@@ -138,6 +169,7 @@ pub fn serve(
         let app = App {
             shared: shared.clone(),
             needs_key: l.needs_key(),
+            tcp: matches!(l, HttpListener::Tcp { .. }),
         };
         let router = routes(app);
         let stop = stop.clone();

@@ -48,8 +48,7 @@ fn bad(param: &str, message: impl Into<String>) -> BadParam {
 /// A body, translated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Translated {
-    /// The bitnetd request object (for [`crate::protocol::parse_value`]), with `id` set and `stream: true`
-    /// (the HTTP side collects the tokens itself when the client asked for one body).
+    /// The bitnetd request object (for [`crate::protocol::parse_value`]), with `id` and `stream` set.
     pub request: Value,
     /// The client asked for server-sent events.
     pub stream: bool,
@@ -58,14 +57,24 @@ pub struct Translated {
 }
 
 /// Parameters that do not change an answer: accepted and ignored.
-const IGNORED: [&str; 6] = [
-    "model",
+const IGNORED: [&str; 7] = [
     "user",
     "metadata",
     "store",
     "service_tier",
     "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
 ];
+
+/// The models a request may name (`model`), as `/v1/models` lists them.
+#[derive(Debug, Clone, Default)]
+pub struct Models {
+    /// The local model's name: naming it keeps the request on the board (`route: "local"`).
+    pub local: String,
+    /// The cloud model, when the cloud route is on: naming it sends the request there (`route: "cloud"`).
+    pub cloud: Option<String>,
+}
 
 /// bitnetd's own fields, passed through unchanged (the request parser checks them).
 const OWN: [&str; 8] = [
@@ -79,8 +88,14 @@ const OWN: [&str; 8] = [
     "context",
 ];
 
-/// Translates a body of `kind` into a request with `id`.
-pub fn translate(kind: Kind, body: &[u8], id: &str) -> Result<Translated, BadParam> {
+/// Translates a body of `kind` into a request with `id`. `model` picks the route when it names one of
+/// `models` (and `route` does not say otherwise); any other name leaves the choice to bitnetd's router.
+pub fn translate(
+    kind: Kind,
+    body: &[u8],
+    id: &str,
+    models: &Models,
+) -> Result<Translated, BadParam> {
     let value: Value = serde_json::from_slice(body).map_err(|e| BadParam {
         param: None,
         message: format!("the body is not valid JSON: {e}"),
@@ -93,12 +108,43 @@ pub fn translate(kind: Kind, body: &[u8], id: &str) -> Result<Translated, BadPar
     };
     let mut out = Map::new();
     out.insert("id".into(), Value::from(id));
-    out.insert("stream".into(), Value::Bool(true));
     let (mut stream, mut include_usage) = (false, false);
     let mut max_tokens: Option<(&str, u64)> = None;
     for (key, v) in &body {
         let k = key.as_str();
         match k {
+            // A field sent as null means its default, whatever it is.
+            _ if v.is_null() => {}
+            "model" => {
+                let named = v
+                    .as_str()
+                    .ok_or_else(|| bad(k, "`model` must be a string"))?;
+                let route = if named == models.local {
+                    Some("local")
+                } else if models.cloud.as_deref() == Some(named) {
+                    Some("cloud")
+                } else {
+                    None
+                };
+                if let (Some(r), false) = (route, body.contains_key("route")) {
+                    out.insert("route".into(), Value::from(r));
+                }
+            }
+            "reasoning_effort" => {
+                let effort = v
+                    .as_str()
+                    .ok_or_else(|| bad(k, "`reasoning_effort` must be a string"))?;
+                if matches!(effort, "none" | "minimal") && !body.contains_key("thinking") {
+                    out.insert("thinking".into(), Value::Bool(false));
+                }
+            }
+            "modalities" => {
+                if v.as_array()
+                    .is_none_or(|m| m.iter().any(|x| x.as_str() != Some("text")))
+                {
+                    return Err(bad(k, "only `[\"text\"]` is supported"));
+                }
+            }
             "messages" if kind == Kind::Chat => {
                 out.insert("messages".into(), messages(v)?);
             }
@@ -125,12 +171,10 @@ pub fn translate(kind: Kind, body: &[u8], id: &str) -> Result<Translated, BadPar
             "temperature" => number(&mut out, k, v, 0.0, f64::INFINITY)?,
             "top_p" => number(&mut out, k, v, 0.0, 1.0)?,
             "seed" => {
-                if !v.is_null() {
-                    let s = v
-                        .as_i64()
-                        .ok_or_else(|| bad(k, "`seed` must be an integer"))?;
-                    out.insert("seed".into(), Value::from(s as u64));
-                }
+                let seed = v
+                    .as_u64()
+                    .ok_or_else(|| bad(k, "`seed` must be an integer of at least 0"))?;
+                out.insert("seed".into(), Value::from(seed));
             }
             "stop" => {
                 if let Some(s) = stop(v)? {
@@ -219,6 +263,7 @@ pub fn translate(kind: Kind, body: &[u8], id: &str) -> Result<Translated, BadPar
     if let Some((_, n)) = max_tokens {
         out.insert("max_tokens".into(), Value::from(n));
     }
+    out.insert("stream".into(), Value::Bool(stream));
     Ok(Translated {
         request: Value::Object(out),
         stream,
@@ -280,7 +325,13 @@ fn messages(v: &Value) -> Result<Value, BadParam> {
                         p.get("type").and_then(Value::as_str),
                         p.get("text").and_then(Value::as_str),
                     ) {
-                        (Some("text"), Some(t)) => text.push_str(t),
+                        (Some("text"), Some(t)) => {
+                            // Parts are separate pieces of text: a newline keeps their words apart.
+                            if j > 0 {
+                                text.push('\n');
+                            }
+                            text.push_str(t)
+                        }
                         _ => {
                             return Err(bad(
                                 &at(&format!(".content[{j}]")),
@@ -353,6 +404,9 @@ fn stream_options(v: &Value) -> Result<bool, BadParam> {
         Value::Null => Ok(false),
         Value::Object(m) => {
             for (k, x) in m {
+                if k == "include_obfuscation" {
+                    continue;
+                }
                 if k != "include_usage" {
                     return Err(bad(
                         &format!("stream_options.{k}"),
@@ -376,8 +430,20 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn models() -> Models {
+        Models {
+            local: "bitnet-local".into(),
+            cloud: Some("kimi-x".into()),
+        }
+    }
+
     fn chat(body: Value) -> Result<Translated, BadParam> {
-        translate(Kind::Chat, body.to_string().as_bytes(), "chatcmpl-1")
+        translate(
+            Kind::Chat,
+            body.to_string().as_bytes(),
+            "chatcmpl-1",
+            &models(),
+        )
     }
 
     fn param(r: Result<Translated, BadParam>) -> Option<String> {
@@ -402,7 +468,7 @@ mod tests {
             t.request,
             json!({
                 "id": "chatcmpl-1", "stream": true,
-                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n!"}],
                 "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "stop": ["\n"], "seed": 3,
                 "route": "local", "private": true, "deadline_ms": 900, "defer": false
             })
@@ -417,12 +483,13 @@ mod tests {
             Kind::Completion,
             br#"{"prompt": ["Once"], "max_tokens": 4}"#,
             "cmpl-1",
+            &models(),
         )
         .unwrap();
         assert_eq!(t.request["prompt"], json!("Once"));
         assert!(!t.stream);
         let c = |b: &str| {
-            translate(Kind::Completion, b.as_bytes(), "cmpl-2")
+            translate(Kind::Completion, b.as_bytes(), "cmpl-2", &models())
                 .unwrap_err()
                 .param
         };
@@ -522,8 +589,42 @@ mod tests {
             param(chat(json!({"model": "x"}))).as_deref(),
             Some("messages")
         );
-        let e = translate(Kind::Chat, b"{nope", "c").unwrap_err();
+        let e = translate(Kind::Chat, b"{nope", "c", &models()).unwrap_err();
         assert!(e.param.is_none() && e.message.contains("JSON"), "{e:?}");
+    }
+
+    #[test]
+    fn naming_a_model_picks_its_route_unless_route_says_otherwise() {
+        let m = json!([{"role": "user", "content": "x"}]);
+        let route = |body: Value| chat(body).unwrap().request.get("route").cloned();
+        assert_eq!(
+            route(json!({"messages": m, "model": "bitnet-local"})),
+            Some(json!("local"))
+        );
+        assert_eq!(
+            route(json!({"messages": m, "model": "kimi-x"})),
+            Some(json!("cloud"))
+        );
+        assert_eq!(route(json!({"messages": m, "model": "gpt-4o"})), None);
+        assert_eq!(
+            route(json!({"messages": m, "model": "kimi-x", "route": "auto"})),
+            Some(json!("auto"))
+        );
+        let t = chat(
+            json!({"messages": m, "reasoning_effort": "minimal", "modalities": ["text"],
+            "prompt_cache_key": "k", "stream_options": {"include_obfuscation": false}}),
+        )
+        .unwrap();
+        assert_eq!(t.request["thinking"], json!(false));
+        assert_eq!(
+            param(chat(json!({"messages": m, "modalities": ["audio"]}))).as_deref(),
+            Some("modalities")
+        );
+        assert_eq!(
+            param(chat(json!({"messages": m, "seed": -1}))).as_deref(),
+            Some("seed")
+        );
+        assert!(chat(json!({"messages": m, "some_future_field": null})).is_ok());
     }
 
     #[test]
@@ -533,7 +634,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             t.request,
-            json!({"id": "chatcmpl-1", "stream": true, "messages": [{"role": "user", "content": "x"}]})
+            json!({"id": "chatcmpl-1", "stream": false, "messages": [{"role": "user", "content": "x"}]})
         );
     }
 }

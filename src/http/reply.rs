@@ -37,12 +37,12 @@ impl Head {
     }
 }
 
-/// OpenAI's `finish_reason` for bitnetd's: a deadline that cut the answer short is `length`; a cancelled one
-/// (the client went away, or shutdown) is `stop`. bitnetd's own reason is in the `bitnetd` object.
+/// OpenAI's `finish_reason` for bitnetd's: an answer cut short (by a deadline, or cancelled at shutdown) is
+/// `length`, as one cut by `max_tokens`. bitnetd's own reason is in the `bitnetd` object.
 pub fn finish_reason(f: FinishReason) -> &'static str {
     match f {
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
-        FinishReason::Length | FinishReason::Budget => "length",
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Budget | FinishReason::Cancelled => "length",
         FinishReason::ContentFilter => "content_filter",
     }
 }

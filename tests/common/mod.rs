@@ -376,7 +376,8 @@ pub fn http(addr: &str, method: &str, path: &str, extra: &str, body: &str) -> (u
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n{extra}\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();
