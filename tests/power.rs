@@ -35,7 +35,10 @@ fn a_draining_battery_means_economy_then_refusal_until_mains_is_back() {
     );
 
     set_battery(&board, 15, false);
-    let s = wait_for_budget(&mut c, |b| b["power_level"] == "economy");
+    // The engine takes the directive's threads from its own task, a moment after the governor decides.
+    let s = wait_for_status(&mut c, |s| {
+        s["budget"]["power_level"] == "economy" && s["engine"]["threads"] == 1
+    });
     assert_eq!(s["budget"]["directive"]["threads"], 1, "{s}");
     assert_eq!(s["budget"]["directive"]["prefer_cloud"], true);
     assert_eq!(s["engine"]["threads"], 1);
