@@ -51,6 +51,16 @@ pub struct RequestOrigin {
     pub reason: &'static str,
 }
 
+impl RequestOrigin {
+    /// Where the request was sent, as its ticket tells the source.
+    pub fn routed(&self) -> crate::dispatch::Routed {
+        crate::dispatch::Routed {
+            route: self.route,
+            reason: self.reason,
+        }
+    }
+}
+
 /// The counters and histograms (cheap to clone: the families are shared).
 #[derive(Clone)]
 pub struct Metrics {

@@ -15,7 +15,7 @@ use crate::errors::Refusal;
 use crate::inflight::InFlight;
 use crate::metrics::{Metrics, RequestOrigin};
 use crate::protocol::{ErrorCode, Id, Reply, Served, Timing, WireError};
-use crate::router::{LocalSpeed, Reason};
+use crate::router::LocalSpeed;
 
 /// Counters kept for `status`.
 #[derive(Debug, Default, Clone)]
@@ -110,16 +110,16 @@ impl Ledger {
     }
 
     /// Counts an accepted request by its route and reason (a deferred one is done with here).
-    pub fn accepted(&self, source: &'static str, route: &'static str, reason: Reason) {
+    pub fn accepted(&self, source: &str, route: &'static str, reason: &'static str) {
         if route == "deferred" {
-            self.metrics.deferred(source, reason.as_str());
+            self.metrics.deferred(source, reason);
         }
         let mut c = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
         c.accepted += 1;
         *c.routes
             .entry(route)
             .or_default()
-            .entry(reason.as_str())
+            .entry(reason)
             .or_default() += 1;
         if route == "deferred" {
             c.deferred += 1;
@@ -178,7 +178,8 @@ impl Ledger {
             .sum()
     }
 
-    /// Tracks an accepted request until its [`Completion`] closes: `cancel` stops it, replies go to `tx`.
+    /// Counts an accepted request (see [`Ledger::accepted`]) and tracks it until its [`Completion`] closes:
+    /// `cancel` stops it, replies go to `tx`.
     pub fn open(
         self: &Arc<Self>,
         seq: u64,
@@ -187,6 +188,7 @@ impl Ledger {
         tx: UnboundedSender<Reply>,
         cancel: CancelToken,
     ) -> Completion {
+        self.accepted(origin.source, origin.route, origin.reason);
         self.in_flight.insert(seq, cancel);
         Completion {
             ledger: self.clone(),

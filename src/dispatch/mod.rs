@@ -234,7 +234,6 @@ impl Dispatcher {
         let completion = self
             .ledger
             .open(seq, req.id.clone(), labels, tx, cancel.clone());
-        self.ledger.accepted(origin.source, "local", reason);
         log::info!(id:% = req.id, source = origin.source, route = "local", route_reason = reason.as_str(),
             prompt_tokens = queued.prompt_tokens(), stream = req.stream; "request accepted");
         if let Some(p) = &req.prompt {
@@ -243,10 +242,7 @@ impl Dispatcher {
         self.local.spawn(run, queued, completion);
         Ok(Ticket {
             replies,
-            routed: Routed {
-                route: "local",
-                reason: reason.as_str(),
-            },
+            routed: labels.routed(),
             cancel,
         })
     }
@@ -276,7 +272,6 @@ impl Dispatcher {
         let completion = self
             .ledger
             .open(seq, req.id.clone(), labels, tx, cancel.clone());
-        self.ledger.accepted(origin.source, "cloud", reason);
         log::info!(id:% = req.id, source = origin.source, route = "cloud", route_reason = reason.as_str(),
             fallback = fallback.is_some(), stream = req.stream; "request accepted");
         let job = cloud::CloudJob {
@@ -290,10 +285,7 @@ impl Dispatcher {
         tokio::spawn(job.run());
         Ok(Ticket {
             replies,
-            routed: Routed {
-                route: "cloud",
-                reason: reason.as_str(),
-            },
+            routed: labels.routed(),
             cancel,
         })
     }
@@ -318,7 +310,8 @@ impl Dispatcher {
             }
             WireError::from(&e)
         })?;
-        self.ledger.accepted(origin.source, "deferred", reason);
+        self.ledger
+            .accepted(origin.source, "deferred", reason.as_str());
         log::info!(id:% = req.id, source = origin.source, route = "deferred", route_reason = reason.as_str(),
             seq = task.seq; "request deferred until the cloud is reachable");
         let (tx, replies) = unbounded_channel();
