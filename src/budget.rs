@@ -24,6 +24,8 @@ pub struct MemoryEstimate {
     pub kv_per_slot: u64,
     pub slots: usize,
     pub overhead: u64,
+    /// The KV cache format the estimate is for.
+    pub kv: KvFormat,
 }
 
 impl MemoryEstimate {
@@ -56,6 +58,7 @@ impl MemoryEstimate {
             kv_per_slot: kv_bytes as u64,
             slots,
             overhead: RUNTIME_OVERHEAD_BYTES,
+            kv,
         })
     }
 
@@ -70,14 +73,19 @@ impl MemoryEstimate {
         }
         Err(format!(
             "the model needs about {} ({} weights + {} slot(s) x {} KV cache + {} runtime) but \
-             the memory budget is {}: raise [budget] memory_bytes, use fewer [engine] slots, use [model] kv_cache = \
-             \"f16\", or use a smaller model",
+             the memory budget is {}: raise [budget] memory_bytes, use fewer [engine] slots{}, or use a smaller \
+             model",
             mib(self.total()),
             mib(self.weights),
             self.slots,
             mib(self.kv_per_slot),
             mib(self.overhead),
-            mib(budget)
+            mib(budget),
+            if self.kv == KvFormat::I8 {
+                ""
+            } else {
+                ", use [model] kv_cache = \"i8\""
+            }
         ))
     }
 }
@@ -138,6 +146,7 @@ mod tests {
             kv_per_slot: 600 << 20,
             slots: 2,
             overhead: RUNTIME_OVERHEAD_BYTES,
+            kv: KvFormat::F16,
         };
         assert_eq!(e.total(), (3 << 30) + (1200 << 20) + (64 << 20));
         assert!(e.check(5 << 30).is_ok());
@@ -147,9 +156,17 @@ mod tests {
             "{msg}"
         );
         assert!(
-            msg.contains("memory_bytes") && msg.contains("slots"),
+            msg.contains("memory_bytes")
+                && msg.contains("slots")
+                && msg.contains("kv_cache = \"i8\""),
             "{msg}"
         );
+        let smallest = MemoryEstimate {
+            kv: KvFormat::I8,
+            ..e
+        };
+        let msg = smallest.check(4 << 30).unwrap_err();
+        assert!(!msg.contains("kv_cache"), "already the smallest: {msg}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! - [`export`]: `bitnetd export`, checkpoint directory to model directory.
 //! - [`meta`]: `bitnetd.json`, the metadata beside the ONNX file.
 //! - [`kernels`]: int8 × 2-bit ternary and int8 × int8 products (scalar, AVX2, VNNI, NEON, NEON dotprod), the
-//!   linears' prologue, attention over f16/f32 KV pages.
+//!   linears' prologue, attention over int8/f16/f32 KV pages.
 //! - [`team`]: the worker team that runs each op's parallel part (chunks taken, late chunks taken over).
 //! - [`engine`]: loading a model, bitnetd's tract ops, sessions with their paged KV cache, sampling, chat
 //!   templates, the engine thread.

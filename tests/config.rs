@@ -63,8 +63,8 @@ fn check_config_names_the_key_and_line_of_a_bad_value() {
 
 #[test]
 fn a_budget_below_the_model_size_is_refused_with_the_numbers() {
-    // The default model needs about 79 MiB (weights, KV cache at full context, runtime).
-    let (ok, _, stderr) = check("[engine]\nslots = 1\n\n[budget]\nmemory_bytes = \"70M\"\n");
+    // The default model needs about 69 MiB (weights, int8 KV cache at full context, runtime).
+    let (ok, _, stderr) = check("[engine]\nslots = 1\n\n[budget]\nmemory_bytes = \"66M\"\n");
     assert!(!ok);
     assert!(
         stderr.contains(":5") && stderr.contains("budget.memory_bytes"),
@@ -77,7 +77,7 @@ fn a_budget_below_the_model_size_is_refused_with_the_numbers() {
     // The same check stops `run` before it loads anything.
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
-    std::fs::write(&cfg, "[budget]\nmemory_bytes = \"70M\"\n").unwrap();
+    std::fs::write(&cfg, "[budget]\nmemory_bytes = \"66M\"\n").unwrap();
     let out = bitnetd()
         .args(["run", "--config"])
         .arg(&cfg)

@@ -621,19 +621,20 @@ fn a_flood_stays_under_the_memory_budget_and_every_request_is_answered() {
 
 #[test]
 fn a_cgroup_limit_below_the_budget_refuses_requests_whose_kv_cache_cannot_fit() {
-    // The default model's weights (less the embedding table, read by rows) + 64 MiB runtime, then 1.5 KiB of f16
-    // KV cache per token: 768 KiB more hold 512 tokens.
+    // The default model's weights (less the embedding table, read by rows) + 64 MiB runtime, then 864 bytes of
+    // the default int8 KV cache per token (6 layers x keys and values x 2 KV heads x 32 codes and a 4-byte
+    // scale): 768 KiB more hold 910 tokens, so 1000 new tokens can never fit and 100 do.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
     let meta = bitnetd::meta::ModelMeta::read(&dir).unwrap();
     let e = bitnetd::budget::MemoryEstimate::for_model(
         &dir,
         &meta,
         1,
-        bitnetd::engine::KvFormat::F16,
+        bitnetd::engine::KvFormat::default(),
         bitnetd::engine::OutputLayer::Screened,
     )
     .unwrap();
-    assert_eq!(e.kv_per_slot / meta.context_length as u64, 1536);
+    assert_eq!(e.kv_per_slot / meta.context_length as u64, 864);
     let limit = e.weights + e.overhead + (3 << 18);
     let d = Daemon::start("[budget]\nsample_ms = 50\n");
     let board = d.board();

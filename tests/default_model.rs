@@ -161,3 +161,40 @@ fn generate_without_model_uses_the_default_model() {
         "{v}"
     );
 }
+
+/// The lossy KV cache formats on a trained model (the reference fixtures' random weights have near-tied logits
+/// and say little about them): the default model reads a held-out text (glosses written for this test, 799
+/// tokens) token by token with the f32 cache, which computes what transformers does (tests/reference.rs), and
+/// with f16 and int8; the next-token distributions are compared at every position. Measured over three runs:
+/// f16 mean KL 1.2e-4 nats, top-1 agreement 99.7%; int8 1.8-1.9e-4 nats (largest 0.011), 99.1-99.4%; the text's
+/// mean log-likelihood moves by under 0.01% with either. A wrong scale or layout costs nats and most of the
+/// agreement. (This model's heads have 32 dimensions, so its int8 scale covers 32 values, as llama.cpp's q8_0
+/// block does; 2B-4T's covers 128.)
+#[test]
+fn lossy_kv_caches_keep_the_trained_models_predictions() {
+    use bitnetd::engine::{fidelity, KvFormat};
+    let load = |kv_format| {
+        Model::load(
+            &root().join("models/default"),
+            &LoadOptions {
+                threads: 2,
+                kv_format,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let exact = load(KvFormat::F32);
+    let text = std::fs::read_to_string(root().join("tests/fixtures/heldout-glosses.txt")).unwrap();
+    let ids = exact.encode(text.trim(), false).unwrap();
+    assert!(ids.len() > 600, "{} tokens", ids.len());
+    for kv in [KvFormat::F16, KvFormat::I8] {
+        let f = fidelity::compare(&exact, &load(kv), &ids).unwrap();
+        eprintln!("{kv}: {f:?}");
+        let nll_moved = (f.candidate_nll - f.reference_nll).abs() / f.reference_nll;
+        assert!(
+            f.mean_kl < 1e-3 && f.max_kl < 0.1 && f.top1_agreement >= 0.97 && nll_moved < 1e-3,
+            "{kv}: {f:?}"
+        );
+    }
+}

@@ -9,6 +9,7 @@
 mod alloc;
 pub mod chat;
 mod error;
+pub mod fidelity;
 pub mod kv;
 mod model;
 pub mod ops;

@@ -2,7 +2,7 @@
 //! function in standard ops, `onnx::functions`, so that other runtimes run the same file):
 //! - [`linear`]: a fused linear, `{Bit|Int8|Int4|F32}Linear[Norm][Relu2Glu|SiluGlu][Add]`: RMSNorm, per-token int8
 //!   quantization, the product on packed weights, the scales, the GLU and the residual in one op;
-//! - [`attention`]: RoPE, the paged KV cache (its own state, f16 or f32) and streaming softmax attention;
+//! - [`attention`]: RoPE, the paged KV cache (its own state: int8, f16 or f32) and streaming softmax attention;
 //! - [`embedding`]: the token lookup, one row per token read from the data file (the table is never resident);
 //! - [`screen`]: the int8 output layer as a 4-bit screen over every row and exact products for the candidates.
 //!
