@@ -3,8 +3,9 @@
 //!
 //! Two team jobs per call: the prologue (RMSNorm and quantization, a chunk per block of tokens) writes each row
 //! in the layout the kernels read ([`QRowLayout`]: padded values, sum, scale), and the product (a chunk per range
-//! of output features, every token) applies the scales, the GLU and the residual as it writes each value, so no
-//! f32 intermediate goes back to memory between them. Weights are read in place (`engine::weights`).
+//! of output features, every token) collects its chunk's sums in a per-thread buffer that stays in cache, then
+//! applies the scales, the GLU and the residual token by token in loops the compiler vectorizes, so no f32
+//! intermediate of the layer goes back to memory. Weights are read in place (`engine::weights`).
 //!
 //! With int4 weights (`kernels::int4`) `S` holds a scale per group of 128 columns, which the product applies
 //! inside each row's sum.
@@ -531,6 +532,7 @@ unsafe impl Job for Product {
     fn compute(&self, c: usize, out: &mut RegionMut<'_, f32>) {
         let out_n = self.op.out_features();
         let (c0, c1) = block(c, self.per_chunk, out_n);
+        let width = c1 - c0;
         let residual = self
             .residual
             .as_ref()
@@ -538,38 +540,76 @@ unsafe impl Job for Product {
         let residual = residual
             .as_ref()
             .map(|r| r.as_slice::<f32>().expect("f32 residual"));
-        let finish = |t: usize, col: usize, y: f32| match residual {
-            Some(r) => r[t * out_n + col] + y,
-            None => y,
-        };
-        match self.op.spec.glu {
-            None => self.values(c0..c1, |row, t, y| out.run(t)[row - c0] = finish(t, row, y)),
-            Some(glu) => {
-                let width = c1 - c0;
-                let mut gate = vec![0f32; width * self.tokens];
-                self.values(c0..c1, |row, t, y| gate[(row - c0) * self.tokens + t] = y);
-                let half = out_n;
-                self.values(half + c0..half + c1, |row, t, up| {
-                    let col = row - half;
-                    let g = gate[(col - c0) * self.tokens + t];
-                    let a = match glu {
-                        Glu::Relu2 => {
-                            let r = g.max(0.0);
-                            r * r
-                        }
-                        Glu::Silu => g * (1.0 / (1.0 + (-g).exp())),
-                    };
-                    out.run(t)[col - c0] = finish(t, col, a * up);
-                });
+        SCRATCH.with_borrow_mut(|scratch| {
+            let n = width * self.tokens;
+            let parts = if self.op.spec.glu.is_some() { 2 } else { 1 };
+            if scratch.len() < parts * n {
+                scratch.resize(parts * n, 0.0);
             }
-        }
+            let (y, rest) = scratch.split_at_mut(n);
+            self.values(c0..c1, y);
+            // Token by token over contiguous features: plain loops the compiler vectorizes, in the order of
+            // operations of the reference (`finish(glu(gate) * up)`), so the results are the same to the bit.
+            match self.op.spec.glu {
+                None => {
+                    for t in 0..self.tokens {
+                        let (o, y) = (out.run(t), &y[t * width..(t + 1) * width]);
+                        match residual {
+                            Some(r) => {
+                                let r = &r[t * out_n + c0..t * out_n + c1];
+                                for ((o, &y), &r) in o.iter_mut().zip(y).zip(r) {
+                                    *o = r + y;
+                                }
+                            }
+                            None => o.copy_from_slice(y),
+                        }
+                    }
+                }
+                Some(glu) => {
+                    let up = &mut rest[..n];
+                    self.values(out_n + c0..out_n + c1, up);
+                    for t in 0..self.tokens {
+                        let o = out.run(t);
+                        let (g, u) = (
+                            &y[t * width..(t + 1) * width],
+                            &up[t * width..(t + 1) * width],
+                        );
+                        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                            let a = match glu {
+                                Glu::Relu2 => {
+                                    let r = g.max(0.0);
+                                    r * r
+                                }
+                                Glu::Silu => g * (1.0 / (1.0 + (-g).exp())),
+                            };
+                            *o = a * u;
+                        }
+                        if let Some(r) = residual {
+                            let r = &r[t * out_n + c0..t * out_n + c1];
+                            for (o, &r) in o.iter_mut().zip(r) {
+                                *o += r;
+                            }
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 
+thread_local! {
+    /// A thread's buffers for the product's scaled values, kept across calls: a prompt's chunk needs hundreds of
+    /// KiB, which a fresh allocation would take from (and give back to) the system every time.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Product {
-    /// `put(row, token, value)` for weight rows `rows`: the scaled product, before GLU and residual.
-    fn values(&self, rows: Range<usize>, mut put: impl FnMut(usize, usize, f32)) {
+    /// Writes the scaled products of weight rows `rows` (before GLU and residual) to `y`, token-major:
+    /// `y[t * rows.len() + (row - rows.start)]`.
+    fn values(&self, rows: Range<usize>, y: &mut [f32]) {
         let op = &self.op;
+        let (r0, width) = (rows.start, rows.len());
+        let mut put = |r: usize, t: usize, v: f32| y[t * width + r - r0] = v;
         match &self.act {
             Act::Quantized(q, layout) => {
                 let plain = q.try_as_plain_ram().expect("plain rows");
@@ -579,34 +619,49 @@ impl Product {
                 // The inverse activation scale: a product per value where a division would be.
                 let inv: Vec<f32> = rows_q.iter().map(|r| 1.0 / layout.scale(r)).collect();
                 let scale = op.scale.as_deref().expect("scaled weights");
-                let epi = |r: usize, t: usize, acc: i32| acc as f32 * inv[t] * scale[r];
                 match op.spec.weights {
                     WeightFormat::Bit => {
                         let xsum: Vec<i32> = rows_q.iter().map(|r| layout.sum(r)).collect();
                         let w = TernaryWeights::new(op.weights.bytes(), op.n, op.k)
                             .expect("validated at load");
-                        kernels::ternary_rows(op.kernel, w, rows, &xs, &xsum, |r, t, acc| {
-                            put(r, t, epi(r, t, acc))
-                        });
+                        kernels::ternary_rows(
+                            op.kernel,
+                            w,
+                            rows.clone(),
+                            &xs,
+                            &xsum,
+                            |r, t, acc| put(r, t, acc as f32),
+                        );
                     }
                     // The group scales are the kernel's; only the activation's is left.
-                    WeightFormat::Int4 => kernels::int4_rows(
-                        op.kernel,
-                        op.weights.bytes(),
-                        scale,
-                        op.k,
-                        rows,
-                        &xs,
-                        |r, t, y| put(r, t, y * inv[t]),
-                    ),
+                    WeightFormat::Int4 => {
+                        kernels::int4_rows(
+                            op.kernel,
+                            op.weights.bytes(),
+                            scale,
+                            op.k,
+                            rows,
+                            &xs,
+                            |r, t, v| put(r, t, v * inv[t]),
+                        );
+                        return;
+                    }
                     _ => kernels::int8_rows(
                         op.kernel,
                         op.weights.as_i8(),
                         op.k,
-                        rows,
+                        rows.clone(),
                         &xs,
-                        |r, t, acc| put(r, t, epi(r, t, acc)),
+                        |r, t, acc| put(r, t, acc as f32),
                     ),
+                }
+                // `acc * inv[t] * scale[row]`, in that order, for every token's contiguous rows.
+                let scale = &scale[rows];
+                for (t, y) in y.chunks_exact_mut(width).take(self.tokens).enumerate() {
+                    let it = inv[t];
+                    for (v, &s) in y.iter_mut().zip(scale) {
+                        *v = *v * it * s;
+                    }
                 }
             }
             Act::Float(x) => {
