@@ -2,7 +2,7 @@
 //!
 //!   cargo bench --bench decode -- [--model DIR] [--threads N] [--prompt-tokens 128] [--long-prompt 1500]
 //!                                 [--tokens 32] [--runs 3] [--kv f16|i8|f32] [--weights loaded|mapped]
-//!                                 [--output-layer screened|exact] [--contended] [--sweep]
+//!                                 [--output-layer screened|exact] [--contended] [--sweep] [--fidelity TEXT]
 //!
 //! It reports, as one line of JSON and a few human lines:
 //! - prefill tokens/s on a `--prompt-tokens` prompt, and time to first token;
@@ -19,6 +19,11 @@
 //! - with `--contended`: decode (160 tokens or more) on 1 thread and on all threads while another process keeps
 //!   one core busy, and their ratio (more threads must never be slower on a busy board);
 //! - with `--sweep`: one decode step's time after 64, 128, 256, ... cached tokens.
+//!
+//! `--fidelity TEXT` measures quality instead of speed: the model with the chosen options and the same model with
+//! an f32 KV cache read the text file (up to the context) token by token, and the line of JSON gives how close
+//! the next-token distributions stay (`engine::fidelity`: mean and largest KL divergence, top-1 agreement, both
+//! log-likelihoods). Run it on a real checkpoint before trusting a lossy option (`--kv i8`, the default) with it.
 //!
 //! Without --model it uses the default model. For the 2B-4T shape:
 //!   python3 models/make_synthetic.py /tmp/syn2b4t
@@ -70,6 +75,43 @@ fn read_bandwidth(threads: usize) -> f64 {
         best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64());
     }
     best
+}
+
+/// `--fidelity`: the model as configured against the same model with an f32 KV cache, over the text at `path`.
+fn fidelity(dir: &std::path::Path, opts: LoadOptions, path: &std::path::Path) {
+    let exact = LoadOptions {
+        kv_format: KvFormat::F32,
+        ..opts.clone()
+    };
+    let reference = Model::load(dir, &exact).expect("loading the model");
+    let candidate = Model::load(dir, &opts).expect("loading the model");
+    let text = std::fs::read_to_string(path).expect("reading the text");
+    let mut ids = reference.encode(text.trim(), false).expect("tokenizing");
+    ids.truncate(reference.meta.context_length);
+    let t = Instant::now();
+    let f = bitnetd::engine::fidelity::compare(&reference, &candidate, &ids).expect("comparing");
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": reference.meta.name, "kv_cache": opts.kv_format.name(), "reference_kv_cache": "f32",
+            "positions": f.positions, "mean_kl_nats": f.mean_kl, "max_kl_nats": f.max_kl,
+            "top1_agreement": f.top1_agreement, "reference_nll": f.reference_nll,
+            "candidate_nll": f.candidate_nll,
+        })
+    );
+    eprintln!(
+        "{}: {} KV cache against f32 over {} positions ({:.0} s): mean KL {:.2e} nats (largest {:.2e}), top-1 \
+         agreement {:.1}%, mean NLL {:.4} against {:.4}",
+        reference.meta.name,
+        opts.kv_format,
+        f.positions,
+        t.elapsed().as_secs_f64(),
+        f.mean_kl,
+        f.max_kl,
+        f.top1_agreement * 100.0,
+        f.candidate_nll,
+        f.reference_nll
+    );
 }
 
 fn prompt(m: &Model, n: usize, salt: u32) -> Vec<u32> {
@@ -174,6 +216,7 @@ fn main() {
     let (mut prompt_tokens, mut long_prompt, mut tokens, mut runs) =
         (128usize, 1500usize, 32usize, 3usize);
     let (mut contended, mut sweep) = (false, false);
+    let mut fidelity_text = None;
     let mut prefill_chunk = None;
     let mut opts = LoadOptions::default();
     while let Some(a) = args.next() {
@@ -196,11 +239,15 @@ fn main() {
             "--prefill-chunk" => prefill_chunk = Some(val().parse().unwrap()),
             "--contended" => contended = true,
             "--sweep" => sweep = true,
+            "--fidelity" => fidelity_text = Some(PathBuf::from(val())),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
     }
     let dir = model.unwrap_or_else(bitnetd::default_model::default_model_dir);
+    if let Some(text) = fidelity_text {
+        return fidelity(&dir, opts, &text);
+    }
     let t0 = Instant::now();
     let m = Model::load(&dir, &opts).expect("loading the model");
     let load_s = t0.elapsed().as_secs_f64();
