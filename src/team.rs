@@ -645,6 +645,17 @@ pub fn threads() -> usize {
     })
 }
 
+/// Threads this thread's team has in all: the caller and every helper (1 outside a scope). Unlike [`threads`], it
+/// does not change when a step runs with fewer threads, so a split that must not move the results (the order of
+/// a reduction) is cut by it.
+pub fn capacity() -> usize {
+    CURRENT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .map_or(1, |(team, _)| 1 + team.helpers())
+    })
+}
+
 /// What the last [`run`] on this thread did.
 pub fn last_stats() -> RunStats {
     LAST.with(|l| l.get())

@@ -198,3 +198,34 @@ fn lossy_kv_caches_keep_the_trained_models_predictions() {
         );
     }
 }
+
+/// A decode step gives the same bits on one thread as on all of them (the thread tuner switches between the
+/// two from step to step, and seeded sampling must not depend on its timing): attention's split of a long cache,
+/// which fixes the order its partial states are merged in, follows the team's size, not the step's threads.
+#[test]
+fn a_steps_logits_do_not_depend_on_how_many_threads_run_it() {
+    let model = Model::load(
+        &root().join("models/default"),
+        &LoadOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(model.max_threads(), 2);
+    let text = std::fs::read_to_string(root().join("tests/fixtures/heldout-glosses.txt")).unwrap();
+    let ids = model.encode(text.trim(), false).unwrap();
+    // 600 cached positions are ten pages: enough to split each KV head's cache differently on 1 and 2 threads.
+    let (prompt, steps) = (&ids[..600], &ids[600..608]);
+    let run = |threads| {
+        assert_eq!(model.set_threads(threads), threads);
+        let mut s = model.session().unwrap();
+        s.forward(prompt).unwrap();
+        steps
+            .iter()
+            .map(|&id| s.forward(&[id]).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (two, one) = (run(2), run(1));
+    assert!(two == one, "logits differ between 2 threads and 1");
+}

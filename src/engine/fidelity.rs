@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use super::sampler::argmax;
 use super::{EngineError, Model};
 
 /// Agreement of a candidate's next-token distributions with a reference's over one text.
@@ -52,8 +53,9 @@ pub fn compare(
     let (mut kl_sum, mut max_kl, mut agree, mut nll_a, mut nll_b) = (0.0, 0f64, 0, 0.0, 0.0);
     let positions = ids.len() - 1;
     for (i, &id) in ids[..positions].iter().enumerate() {
-        let p = log_softmax(&a.forward(&[id])?);
-        let q = log_softmax(&b.forward(&[id])?);
+        let (la, lb) = (a.forward(&[id])?, b.forward(&[id])?);
+        agree += usize::from(argmax(&la) == argmax(&lb));
+        let (p, q) = (log_softmax(&la), log_softmax(&lb));
         let kl: f64 = p
             .iter()
             .zip(&q)
@@ -61,7 +63,6 @@ pub fn compare(
             .sum();
         kl_sum += kl;
         max_kl = max_kl.max(kl);
-        agree += usize::from(argmax(&p) == argmax(&q));
         let next = ids[i + 1] as usize;
         nll_a -= p[next];
         nll_b -= q[next];
@@ -84,19 +85,6 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&v| v as f64 - log_z).collect()
 }
 
-fn argmax(x: &[f64]) -> usize {
-    x.iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,7 +94,6 @@ mod tests {
         let p = log_softmax(&[1.0, 3.0, 2.0]);
         let total: f64 = p.iter().map(|v| v.exp()).sum();
         assert!((total - 1.0).abs() < 1e-12);
-        assert_eq!(argmax(&p), 1);
         assert!((p[1] - p[0] - 2.0).abs() < 1e-12);
     }
 }

@@ -267,7 +267,9 @@ impl OpState for AttentionState {
         let out_shape = [batch, tokens, h * hd];
         let y = if tokens <= DECODE_TOKENS {
             let pages = inputs.view.len().div_ceil(PAGE);
-            let splits = (team::threads() * 4).div_ceil(kvh).clamp(1, pages.max(1));
+            // By the team's size, not the step's threads: the split fixes the order in which the partial states
+            // are merged, and a step must give the same bits whether the tuner runs it on one thread or all.
+            let splits = (team::capacity() * 4).div_ceil(kvh).clamp(1, pages.max(1));
             let job = Decode {
                 inputs,
                 tokens,
