@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use bitnetd::engine::{
-    FinishReason, GenerateParams, LoadOptions, Message, Model, Prompt, SamplingParams,
+    fidelity, FinishReason, GenerateParams, KvFormat, LoadOptions, Message, Model, Prompt,
+    SamplingParams,
 };
 use bitnetd::meta::{ModelMeta, DATA_FILE, META_FILE, ONNX_FILE, TOKENIZER_FILE};
 
@@ -43,6 +44,25 @@ fn committed_export_is_up_to_date() {
             std::fs::read(committed.join(f)).unwrap() == std::fs::read(out.path().join(f)).unwrap();
         assert!(same, "models/default/{f} is stale: re-run `bitnetd export --from models/default-hf --out models/default --name {}`", meta.name);
     }
+}
+
+/// The shipped default model on 2 threads with a `kv_format` cache.
+fn load_default(kv_format: KvFormat) -> std::sync::Arc<Model> {
+    Model::load(
+        &root().join("models/default"),
+        &LoadOptions {
+            threads: 2,
+            kv_format,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The held-out text of glosses written for these tests, as `model`'s token ids.
+fn heldout_ids(model: &Model) -> Vec<u32> {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/heldout-glosses.txt")).unwrap();
+    model.encode(text.trim(), false).unwrap()
 }
 
 fn answer(model: &std::sync::Arc<Model>, prompt: Prompt) -> (String, FinishReason) {
@@ -84,14 +104,7 @@ fn english_share(text: &str, dict: &HashSet<String>) -> f32 {
 
 #[test]
 fn default_model_writes_short_english() {
-    let model = Model::load(
-        &root().join("models/default"),
-        &LoadOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = load_default(KvFormat::default());
     let dict = words();
     let chat = |q: &str| {
         Prompt::Chat(vec![Message {
@@ -172,24 +185,11 @@ fn generate_without_model_uses_the_default_model() {
 /// block does; 2B-4T's covers 128.)
 #[test]
 fn lossy_kv_caches_keep_the_trained_models_predictions() {
-    use bitnetd::engine::{fidelity, KvFormat};
-    let load = |kv_format| {
-        Model::load(
-            &root().join("models/default"),
-            &LoadOptions {
-                threads: 2,
-                kv_format,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    };
-    let exact = load(KvFormat::F32);
-    let text = std::fs::read_to_string(root().join("tests/fixtures/heldout-glosses.txt")).unwrap();
-    let ids = exact.encode(text.trim(), false).unwrap();
+    let exact = load_default(KvFormat::F32);
+    let ids = heldout_ids(&exact);
     assert!(ids.len() > 600, "{} tokens", ids.len());
     for kv in [KvFormat::F16, KvFormat::I8] {
-        let f = fidelity::compare(&exact, &load(kv), &ids).unwrap();
+        let f = fidelity::compare(&exact, &load_default(kv), &ids).unwrap();
         eprintln!("{kv}: {f:?}");
         let nll_moved = (f.candidate_nll - f.reference_nll).abs() / f.reference_nll;
         assert!(
@@ -204,17 +204,9 @@ fn lossy_kv_caches_keep_the_trained_models_predictions() {
 /// which fixes the order its partial states are merged in, follows the team's size, not the step's threads.
 #[test]
 fn a_steps_logits_do_not_depend_on_how_many_threads_run_it() {
-    let model = Model::load(
-        &root().join("models/default"),
-        &LoadOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = load_default(KvFormat::default());
     assert_eq!(model.max_threads(), 2);
-    let text = std::fs::read_to_string(root().join("tests/fixtures/heldout-glosses.txt")).unwrap();
-    let ids = model.encode(text.trim(), false).unwrap();
+    let ids = heldout_ids(&model);
     // 600 cached positions are ten pages: enough to split each KV head's cache differently on 1 and 2 threads.
     let (prompt, steps) = (&ids[..600], &ids[600..608]);
     let run = |threads| {
