@@ -355,12 +355,14 @@ fn f16_kv_cache_stays_close_to_transformers() {
 }
 
 /// The int8 KV cache (one scale per position and KV head; the daemon's default). Its
-/// rounding is at most half a step of 1/127 of a row's largest value, coarser than f16's. Measured on these
-/// random fixtures: logits within 1.7-6.3% of their range (f16: 0.8-3.3%), 10 of the 15 greedy continuations
-/// unchanged, the others parting after 0-11 tokens (models whose top logits are near ties; one parts at its
-/// first token). Checked: the 8% bound, 10 continuations whole and 14 first tokens (a wrong scale or layout moves
-/// logits by the whole range and changes nearly every token). On the trained default model, whose logits are not
-/// near ties, int8 keeps 99% of the top tokens and f16's closeness to f32 (tests/default_model.rs).
+/// rounding is at most half a step of 1/127 of a row's largest value, coarser than f16's, and the query is
+/// quantized to int8 the same way for the integer score products (as llama.cpp does for its q8_0 cache).
+/// Measured on these random fixtures: logits within 2.1-6.0% of their range (f16: 0.8-3.3%), 9 of the 15 greedy
+/// continuations unchanged, the others parting after 0-10 tokens (models whose top logits are near ties; two part
+/// at their first token). Checked: the 8% bound, 9 continuations whole and 13 first tokens (a wrong scale or
+/// layout moves logits by the whole range and changes nearly every token). On the trained default model, whose
+/// logits are not near ties, int8 keeps 99% of the top tokens and stays near f16's closeness to f32
+/// (tests/default_model.rs).
 #[test]
 fn int8_kv_cache_stays_close_to_transformers() {
     let results = effect(TableFormats::default(), KvFormat::I8);
@@ -373,7 +375,7 @@ fn int8_kv_cache_stays_close_to_transformers() {
     let whole = results.iter().filter(|r| r.3 == r.4).count();
     let first = results.iter().filter(|r| r.3 >= 1).count();
     assert!(
-        whole >= 10 && first >= 14,
+        whole >= 9 && first >= 13,
         "{whole} whole, {first} first tokens of {}",
         results.len()
     );

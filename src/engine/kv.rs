@@ -4,8 +4,9 @@
 //!
 //! A page holds, for each KV head, its keys, then for each KV head its values, each in the blocked layout the
 //! attention kernels stream (`kernels::attention::key_index` and `value_index`: keys in blocks of 16 positions,
-//! dimension-major inside a block, so that scores are plain vector products with no horizontal sums; values in
-//! blocks of 16 dimensions, position-major inside). An int8 page then holds, after the codes, each KV head's key
+//! dimension-major inside a block, so that scores are plain vector products with no horizontal sums, int8 keys
+//! in groups of four dimensions there (`key_index_i8`) for integer dot products; values in blocks of 16
+//! dimensions, position-major inside). An int8 page then holds, after the codes, each KV head's key
 //! scales and then its value scales (f32, one per position). Attention jobs read the cache through a [`KvView`], a
 //! snapshot of the pages and the length; pages are shared by `Arc`, so a view taken by a job that outlives its step (see
 //! `crate::team`) keeps what it reads alive. The cache writes a page only while no view holds it; a page still
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use memmap2::MmapMut;
 
 pub use crate::kernels::attention::Rows;
-use crate::kernels::attention::{key_index, quantize_i8, value_index};
+use crate::kernels::attention::{key_index, key_index_i8, quantize_i8, value_index};
 use crate::kernels::f16;
 
 /// Positions per page.
@@ -278,7 +279,7 @@ impl KvCache {
                         let (ks, vs) = (quantize_i8(k, &mut kq), quantize_i8(v, &mut vq));
                         let (codes, scales) = p.i8s_mut(self.shape.codes_bytes());
                         for d in 0..hd {
-                            codes[ko + key_index(row, d, hd)] = kq[d];
+                            codes[ko + key_index_i8(row, d, hd)] = kq[d];
                             codes[vo + value_index(row, d, hd, PAGE)] = vq[d];
                         }
                         scales[self.shape.scales_offset(h) + row] = ks;
@@ -347,7 +348,8 @@ impl KvView {
         self.len.saturating_sub(page * PAGE).min(PAGE)
     }
 
-    /// Head `head`'s keys in page `page`, at `key_index` (positions past [`KvView::rows_in`] are zero).
+    /// Head `head`'s keys in page `page`, at `key_index` (int8 keys at `key_index_i8`; positions past
+    /// [`KvView::rows_in`] are zero).
     pub fn keys(&self, head: usize, page: usize) -> Rows<'_> {
         self.slice(page, self.shape.keys_offset(head), head)
     }
@@ -420,7 +422,7 @@ mod tests {
                         for (j, &scale) in scales.iter().enumerate().take(PAGE) {
                             for d in 0..8 {
                                 let i = if keys {
-                                    key_index(j, d, 8)
+                                    key_index_i8(j, d, 8)
                                 } else {
                                     value_index(j, d, 8, PAGE)
                                 };
@@ -447,7 +449,10 @@ mod tests {
                         let (sk, sv) = (ks.get(r).copied(), vs.get(r).copied());
                         for d in 0..8 {
                             let i = (pos * 2 + head) * 8 + d;
-                            let got = k[key_index(r, d, 8)];
+                            let got = k[match format {
+                                KvFormat::I8 => key_index_i8(r, d, 8),
+                                _ => key_index(r, d, 8),
+                            }];
                             assert!(
                                 close(got, keys[i], sk.unwrap_or(0.0)),
                                 "{format} key {pos} {d}: {got} for {}",

@@ -1,15 +1,29 @@
-//! Attention arithmetic in f32 over an f32 or f16 KV cache: the online softmax update of a tile of queries by one
+//! Attention arithmetic over an f32, f16 or int8 KV cache: the online softmax update of a tile of queries by one
 //! page of keys and values (flash-attention's update, exact up to rounding), and the merge of partial results
 //! over disjoint key ranges (flash-decoding).
 //!
-//! A page stores keys and values in blocks laid out in the order the kernels read them ([`key_index`],
-//! [`value_index`]), as `engine::kv` writes them: keys in blocks of [`KEY_BLOCK`] positions, each dimension-major
-//! (`[head_dim][16]`), values in blocks of [`DIM_BLOCK`] dimensions, each position-major (`[stride][16]`). Scores
-//! for sixteen keys are then sixteen lanes of vector products, each key and value is loaded (and converted from
-//! f16) once for the whole tile of queries, nothing needs a horizontal sum, and every pass over a page is one
-//! sequential stream (the prefetchers see a plain run of addresses, not a stride). Paths: AVX2 + FMA + F16C on
-//! x86_64 (an AVX-512 version measured slower on a Xeon whose clock drops under 512-bit FMA), NEON on aarch64 (f16 through `fcvtl`, in every ARMv8 core), and a portable one; all three give the
-//! same results up to the order of additions.
+//! A page stores keys and values in blocks laid out in the order the kernels read them, as `engine::kv` writes
+//! them. Keys come in blocks of [`KEY_BLOCK`] positions: f32 and f16 keys dimension-major inside a block
+//! ([`key_index`], `[head_dim][16]`), so that sixteen scores are sixteen lanes of f32 products; int8 keys in
+//! groups of [`KEY_GROUP`] dimensions ([`key_index_i8`], `[head_dim / 4][16][4]`), so that one integer
+//! dot-product instruction (`vpdpbusd`, `sdot`) takes four dimensions of a key at once against the query,
+//! quantized to int8 too ([`Queries`]). Values come in blocks of [`DIM_BLOCK`] dimensions, each position-major
+//! ([`value_index`], `[stride][16]`). Each key and value is then loaded (and converted) once for the whole tile
+//! of queries, nothing needs a horizontal sum in the inner loops, and every pass over a page is one sequential
+//! stream.
+//!
+//! Paths, chosen by the [`Kernel`] the linears use: on x86_64, AVX2 + FMA + F16C for f32 and f16 keys and for
+//! the values (an AVX-512 version measured slower on a Xeon whose clock drops under 512-bit FMA), and
+//! `vpdpbusd` (AVX-512 VNNI, 256-bit) or `vpmaddwd` (AVX2) for int8 keys; on aarch64, NEON (f16 through
+//! `fcvtl`) and `sdot` (dotprod, Pi 5) or `smull`/`sadalp` (Pi 4) for int8 keys; and a portable path, the
+//! reference. Float paths agree up to the order of additions; int8 scores are exact integer sums, so every path
+//! gives the same bits.
+
+use crate::kernels::Kernel;
+
+mod query;
+
+pub use query::{Queries, Query};
 
 /// A query tile: up to this many queries share each key and value load.
 pub const QUERY_TILE: usize = 4;
@@ -19,6 +33,13 @@ pub const KEY_BLOCK: usize = 16;
 pub const DIM_BLOCK: usize = 16;
 /// The most keys one update takes (a KV cache page).
 pub const MAX_KEYS: usize = 64;
+/// Dimensions of an int8 key stored together ([`key_index_i8`]): one lane of an integer dot product.
+pub const KEY_GROUP: usize = 4;
+/// The largest head the SIMD int8 paths take (wider ones take the portable path).
+const MAX_SIMD_HEAD_DIM: usize = 256;
+
+/// Scores (then softmax weights) of a tile of queries over one page.
+type Scores = [[f32; MAX_KEYS]; QUERY_TILE];
 
 /// Stored keys or values: f32, f16 bit patterns, or int8 with one scale per position.
 #[derive(Debug, Clone, Copy)]
@@ -50,13 +71,13 @@ impl Rows<'_> {
         }
     }
 
-    /// Bytes of one stored value.
+    /// Where the stored values start, and how many bytes they take (for prefetching).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the x86 path prefetches
-    fn value_bytes(&self) -> usize {
+    fn bytes(&self) -> (*const i8, usize) {
         match self {
-            Rows::F32(_) => 4,
-            Rows::F16(_) => 2,
-            Rows::I8 { .. } => 1,
+            Rows::F32(v) => (v.as_ptr().cast(), v.len() * 4),
+            Rows::F16(v) => (v.as_ptr().cast(), v.len() * 2),
+            Rows::I8 { q, .. } => (q.as_ptr(), q.len()),
         }
     }
 }
@@ -131,11 +152,24 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Where dimension `d` of the key at position `j` of a page is stored: blocks of [`KEY_BLOCK`] positions, each
-/// `[head_dim][KEY_BLOCK]`.
+/// Where dimension `d` of the f32 or f16 key at position `j` of a page is stored: blocks of [`KEY_BLOCK`]
+/// positions, each `[head_dim][KEY_BLOCK]`.
 #[inline(always)]
 pub fn key_index(j: usize, d: usize, head_dim: usize) -> usize {
     (j / KEY_BLOCK) * head_dim * KEY_BLOCK + d * KEY_BLOCK + j % KEY_BLOCK
+}
+
+/// Where dimension `d` of the int8 key at position `j` of a page is stored: blocks of [`KEY_BLOCK`] positions,
+/// each `[head_dim / KEY_GROUP][KEY_BLOCK][KEY_GROUP]` (a last group narrower when `head_dim` is not a multiple
+/// of [`KEY_GROUP`]).
+#[inline(always)]
+pub fn key_index_i8(j: usize, d: usize, head_dim: usize) -> usize {
+    let g = d / KEY_GROUP;
+    let width = KEY_GROUP.min(head_dim - g * KEY_GROUP);
+    (j / KEY_BLOCK) * head_dim * KEY_BLOCK
+        + g * KEY_GROUP * KEY_BLOCK
+        + (j % KEY_BLOCK) * width
+        + d % KEY_GROUP
 }
 
 /// Where dimension `d` of the value at position `j` of a page of `stride` positions is stored: blocks of
@@ -150,7 +184,8 @@ pub fn value_index(j: usize, d: usize, head_dim: usize, stride: usize) -> usize 
 
 /// One page of keys and values of one KV head.
 pub struct Page<'a> {
-    /// Keys at [`key_index`]; whole key blocks up to `n` must exist.
+    /// Keys at [`key_index`] (int8 keys at [`key_index_i8`]); whole key blocks up to `n` must exist, zero past
+    /// `n`.
     pub keys: Rows<'a>,
     /// Values at [`value_index`] for `stride` positions (`stride * head_dim` values).
     pub values: Rows<'a>,
@@ -165,37 +200,89 @@ pub struct Page<'a> {
     pub next_keys: Option<Rows<'a>>,
 }
 
-/// Folds `page` into the states of up to [`QUERY_TILE`] queries: query `i` (`head_dim` values at `queries[i]`)
-/// sees the page's first `visible[i]` keys.
-pub fn update(queries: &[&[f32]], visible: &[usize], page: &Page<'_>, states: &mut [&mut Softmax]) {
+/// Folds `page` into the states of up to [`QUERY_TILE`] queries: query `i` sees the page's first `visible[i]`
+/// keys. `kernel` must run on this CPU ([`Kernel::is_supported`]); it picks the path (see the module docs). For
+/// int8 keys the queries must come from [`Queries`] made for int8.
+pub fn update(
+    kernel: Kernel,
+    queries: &[Query<'_>],
+    visible: &[usize],
+    page: &Page<'_>,
+    states: &mut [Softmax],
+) {
     let (n, hd) = (page.n, page.head_dim);
     assert!(!queries.is_empty() && queries.len() <= QUERY_TILE);
     assert!(queries.len() == visible.len() && states.len() == queries.len());
     assert!(n <= MAX_KEYS && n <= page.stride && visible.iter().all(|&v| v <= n));
-    assert!(queries.iter().all(|q| q.len() == hd) && states.iter().all(|s| s.acc.len() == hd));
+    assert!(
+        queries.iter().all(|q| q.values.len() == hd) && states.iter().all(|s| s.acc.len() == hd)
+    );
     assert!(page.stride.is_multiple_of(KEY_BLOCK) && n <= page.stride);
     assert!(page.keys.len() >= n.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd);
     assert!(page.values.len() >= page.stride * hd);
     assert!([page.keys, page.values]
         .iter()
         .all(|r| r.scales().is_none_or(|s| s.len() >= n)));
-    let simd = hd.is_multiple_of(DIM_BLOCK);
+    let int8 = matches!(page.keys, Rows::I8 { .. });
+    assert!(!int8 || queries.iter().all(|q| q.codes.len() == hd));
+    // SAFETY (all paths): `Path::choose` checked the CPU's features and the head's width; bounds asserted above.
+    match Path::choose(kernel, hd) {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 { vnni } => unsafe { x86::update(vnni, queries, visible, page, states) },
+        #[cfg(target_arch = "aarch64")]
+        Path::Neon { dot } => unsafe { arm::update(dot, queries, visible, page, states) },
+        Path::Portable => portable::update(queries, visible, page, states),
+    }
+}
+
+/// What comes between the scores and the values, the same on every path (and compiled into each, with its
+/// vector width): the keys' scales, the softmax step, the values' scales.
+#[inline(always)]
+fn between(scores: &mut Scores, visible: &[usize], page: &Page<'_>, states: &mut [Softmax]) {
+    per_position(scores, states.len(), page.n, page.keys);
+    softmax_step(scores, page.n, visible, states);
+    per_position(scores, states.len(), page.n, page.values);
+}
+
+/// The code that runs an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Portable,
+    /// AVX2 + FMA + F16C, and for int8 keys `vpdpbusd` when `vnni`.
     #[cfg(target_arch = "x86_64")]
-    if simd
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
-    {
-        // SAFETY: features detected; bounds asserted above.
-        return unsafe { x86::update(queries, visible, page, states) };
-    }
+    Avx2 {
+        vnni: bool,
+    },
+    /// NEON, and for int8 keys `sdot` when `dot`.
     #[cfg(target_arch = "aarch64")]
-    if simd {
-        // SAFETY: NEON is part of every aarch64 CPU; bounds asserted above.
-        return unsafe { arm::update(queries, visible, page, states) };
+    Neon {
+        dot: bool,
+    },
+}
+
+impl Path {
+    /// The path for `kernel` and heads of `head_dim`: the SIMD paths take heads made of whole [`DIM_BLOCK`]s.
+    fn choose(kernel: Kernel, head_dim: usize) -> Path {
+        if !head_dim.is_multiple_of(DIM_BLOCK) || head_dim > MAX_SIMD_HEAD_DIM {
+            return Path::Portable;
+        }
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 | Kernel::Avx512Vnni
+                if std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c") =>
+            {
+                Path::Avx2 {
+                    vnni: kernel == Kernel::Avx512Vnni,
+                }
+            }
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon | Kernel::NeonDot => Path::Neon {
+                dot: kernel == Kernel::NeonDot,
+            },
+            _ => Path::Portable,
+        }
     }
-    let _ = simd;
-    portable::update(queries, visible, page, states)
 }
 
 /// Quantizes one position's `head_dim` values to int8 with one scale, `max |x| / 127` (rounded to nearest):
@@ -217,12 +304,7 @@ pub fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
 /// raw products become scores; for values, the softmax weights take the values' scales (after the softmax step,
 /// so that its sum does not).
 #[inline(always)]
-fn per_position(
-    scores: &mut [[f32; MAX_KEYS]; QUERY_TILE],
-    queries: usize,
-    n: usize,
-    rows: Rows<'_>,
-) {
+fn per_position(scores: &mut Scores, queries: usize, n: usize, rows: Rows<'_>) {
     if let Some(scales) = rows.scales() {
         for s in scores.iter_mut().take(queries) {
             for (v, &k) in s[..n].iter_mut().zip(scales) {
@@ -239,12 +321,7 @@ fn per_position(
 /// The softmax step between scores and values: turns `scores[i][..n]` into weights `exp(s - m)` (zero past
 /// `visible[i]`) and updates each state's `m`, `l` and the scale of its `acc`.
 #[inline(always)]
-fn softmax_step(
-    scores: &mut [[f32; MAX_KEYS]; QUERY_TILE],
-    n: usize,
-    visible: &[usize],
-    states: &mut [&mut Softmax],
-) {
+fn softmax_step(scores: &mut Scores, n: usize, visible: &[usize], states: &mut [Softmax]) {
     for (i, st) in states.iter_mut().enumerate() {
         let s = &mut scores[i];
         let vis = visible[i];
@@ -252,19 +329,31 @@ fn softmax_step(
             s[..n].fill(0.0);
             continue;
         }
-        let m = s[..vis].iter().fold(st.m, |m, &v| m.max(v));
+        // Lane-wise compare and select, which vectorizes (`f32::max`'s NaN rule does not): a NaN score is
+        // passed over here and poisons the sums below, as it would anyway.
+        let mut lanes = [st.m; 8];
+        let (whole, rest) = s[..vis].split_at(vis / 8 * 8);
+        for c in whole.chunks_exact(8) {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l = if v > *l { v } else { *l };
+            }
+        }
+        let m = lanes
+            .iter()
+            .chain(rest)
+            .fold(st.m, |m, &v| if v > m { v } else { m });
         for v in s[..vis].iter_mut() {
             *v = exp(*v - m);
         }
         s[vis..n].fill(0.0);
-        let mut lanes = [0f32; 8];
+        let mut sums = [0f32; 8];
         for c in s[..n].chunks(8) {
-            for (l, &v) in lanes.iter_mut().zip(c) {
+            for (l, &v) in sums.iter_mut().zip(c) {
                 *l += v;
             }
         }
         let correction = exp(st.m - m);
-        st.l = st.l * correction + lanes.iter().sum::<f32>();
+        st.l = st.l * correction + sums.iter().sum::<f32>();
         st.m = m;
         if correction != 1.0 {
             for a in st.acc.iter_mut() {

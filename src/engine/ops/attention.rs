@@ -21,7 +21,8 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::ATTR_KV_FORMAT;
 use crate::engine::kv::{KvCache, KvFormat, KvShape, KvView, PAGE};
-use crate::kernels::attention::{self as attn, Page, Softmax, QUERY_TILE};
+use crate::kernels::attention::{self as attn, Page, Queries, Softmax, QUERY_TILE};
+use crate::kernels::Kernel;
 use crate::team::{self, Job, Region, RegionMut};
 
 /// Query tokens per chunk when attending for a prompt.
@@ -46,6 +47,7 @@ pub(crate) fn parse(
         .get_attr(ATTR_KV_FORMAT)
         .with_context(|| format!("{}: not prepared by bitnetd's loader", node.name))?;
     let format = KvFormat::parse(&format).with_context(|| format!("KV format {format:?}"))?;
+    let kernel = Kernel::from_env().map_err(|e| format_err!(e))?;
     Ok((
         expand(AttentionExpansion(Config {
             heads,
@@ -53,6 +55,7 @@ pub(crate) fn parse(
             head_dim,
             scale,
             format,
+            kernel,
             inv_freq: Arc::from(vec![]),
         })),
         vec![],
@@ -66,6 +69,8 @@ struct Config {
     head_dim: usize,
     scale: f32,
     format: KvFormat,
+    /// Picks the attention kernels' path, as it picks the linears'.
+    kernel: Kernel,
     inv_freq: Arc<[f32]>,
 }
 
@@ -332,7 +337,13 @@ fn attend(
     let past = *past;
     let (hd, group) = (c.head_dim, c.group());
     let nq = tokens.len() * group;
-    let mut qs: Vec<&[f32]> = Vec::with_capacity(QUERY_TILE);
+    // Quantized once for all pages (for an int8 cache), in the order of `states`.
+    let mut queries = Queries::new(hd, c.format == KvFormat::I8);
+    for i in 0..nq {
+        let (t, head) = (tokens.start + i / group, g * group + i % group);
+        queries.push(&q[(t * c.heads + head) * hd..(t * c.heads + head + 1) * hd]);
+    }
+    let mut qs = Vec::with_capacity(QUERY_TILE);
     let mut visible = Vec::with_capacity(QUERY_TILE);
     for page in pages.clone() {
         let n = view.rows_in(page);
@@ -356,16 +367,14 @@ fn attend(
             visible.clear();
             for i in tile..end {
                 let t = tokens.start + i / group;
-                let head = g * group + i % group;
-                qs.push(&q[(t * c.heads + head) * hd..(t * c.heads + head + 1) * hd]);
+                qs.push(queries.get(i));
                 // Query at position past + t sees keys up to and including it.
                 visible.push((past + t + 1).saturating_sub(start).min(n));
             }
             if visible.iter().all(|&v| v == 0) {
                 continue;
             }
-            let mut st: Vec<&mut Softmax> = states[tile..end].iter_mut().collect();
-            attn::update(&qs, &visible, &block, &mut st);
+            attn::update(c.kernel, &qs, &visible, &block, &mut states[tile..end]);
         }
     }
 }

@@ -84,16 +84,22 @@ fn pages(
 
 #[test]
 fn layout_indices_are_a_bijection() {
-    for (hd, stride) in [(32usize, 64usize), (40, 32), (8, 16)] {
-        let (mut keys, mut values) = (vec![false; hd * stride], vec![false; hd * stride]);
+    for (hd, stride) in [(32usize, 64usize), (40, 32), (8, 16), (6, 16)] {
+        let mut seen = [(); 3].map(|_| vec![false; hd * stride]);
         for j in 0..stride {
             for d in 0..hd {
-                let (k, v) = (key_index(j, d, hd), value_index(j, d, hd, stride));
-                assert!(!keys[k] && !values[v], "({j}, {d}) of hd {hd}");
-                (keys[k], values[v]) = (true, true);
+                let at = [
+                    key_index(j, d, hd),
+                    key_index_i8(j, d, hd),
+                    value_index(j, d, hd, stride),
+                ];
+                for (s, &i) in seen.iter_mut().zip(&at) {
+                    assert!(!s[i], "({j}, {d}) of hd {hd}");
+                    s[i] = true;
+                }
             }
         }
-        assert!(keys.iter().chain(&values).all(|&s| s));
+        assert!(seen.iter().flatten().all(|&s| s));
     }
 }
 
@@ -112,13 +118,13 @@ fn quantized(v: &[f32], hd: usize) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
     (q, scales, dq)
 }
 
-/// Int8 rows in the page layout: keys at `key_index`, values at `value_index`.
+/// Int8 rows in the page layout: keys at `key_index_i8`, values at `value_index`.
 fn layout_i8(v: &[i8], n: usize, hd: usize, stride: usize, keys: bool) -> Vec<i8> {
     let mut out = vec![0i8; hd * stride];
     for j in 0..n {
         for d in 0..hd {
             let at = if keys {
-                key_index(j, d, hd)
+                key_index_i8(j, d, hd)
             } else {
                 value_index(j, d, hd, stride)
             };
@@ -132,9 +138,9 @@ fn round16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
 }
 
-/// Every path (the one this CPU takes, and the portable one) against the reference: two pages of 16 and 21
-/// keys, three queries seeing 37, 20 and 1 keys, head dims that take the vector path (32) and that do not
-/// (40), f32 and f16 storage; and merging two key ranges computed apart.
+/// Every path this CPU runs (one per available kernel, the scalar one being the portable reference) against
+/// the reference: two pages of 16 and 21 keys, three queries seeing 37, 20 and 1 keys, head dims that take the
+/// vector paths (32) and that do not (40), f32, f16 and int8 storage; and merging two key ranges computed apart.
 #[test]
 fn pages_and_merged_ranges_give_softmax_attention() {
     for hd in [32usize, 40] {
@@ -148,7 +154,11 @@ fn pages_and_merged_ranges_give_softmax_attention() {
             // Int8 rows: one scale per position; the reference sees the dequantized values.
             let (ki8, ks, kdq) = quantized(&keys, hd);
             let (vi8, vs, vdq) = quantized(&values, hd);
-            for path in ["dispatch", "portable"] {
+            let mut queries = Queries::new(hd, format == "i8");
+            for q in &qs {
+                queries.push(q);
+            }
+            for kernel in Kernel::available() {
                 let mut states: Vec<Softmax> = (0..3).map(|_| Softmax::new(hd)).collect();
                 for (start, len) in [(0usize, 16usize), (16, 21)] {
                     let (kt, kt16, v, v16) =
@@ -187,12 +197,8 @@ fn pages_and_merged_ranges_give_softmax_attention() {
                         .iter()
                         .map(|&t| t.saturating_sub(start).min(len))
                         .collect();
-                    let q: Vec<&[f32]> = qs.iter().map(|q| &q[..]).collect();
-                    let mut st: Vec<&mut Softmax> = states.iter_mut().collect();
-                    match path {
-                        "portable" => portable::update(&q, &vis, &page, &mut st),
-                        _ => update(&q, &vis, &page, &mut st),
-                    }
+                    let q: Vec<Query<'_>> = (0..3).map(|i| queries.get(i)).collect();
+                    update(kernel, &q, &vis, &page, &mut states);
                 }
                 let (k, v) = match format {
                     "f16" => (round16(&keys), round16(&values)),
@@ -200,13 +206,24 @@ fn pages_and_merged_ranges_give_softmax_attention() {
                     _ => (keys.clone(), values.clone()),
                 };
                 for i in 0..3 {
-                    let want = reference(&qs[i], &k, &v, total[i], hd, scale);
+                    // Int8 keys are scored against the query quantized the same way.
+                    let query = queries.get(i);
+                    let q: Vec<f32> = match format {
+                        "i8" => query
+                            .codes
+                            .iter()
+                            .map(|&c| c as f32 * query.scale)
+                            .collect(),
+                        _ => qs[i].clone(),
+                    };
+                    let want = reference(&q, &k, &v, total[i], hd, scale);
                     let mut got = vec![0f32; hd];
                     states[i].write_output(&mut got);
                     for d in 0..hd {
                         assert!(
                             (got[d] - want[d]).abs() < 1e-5,
-                            "hd {hd} {format} path {path} query {i} dim {d}: {} vs {}",
+                            "hd {hd} {format} kernel {} query {i} dim {d}: {} vs {}",
+                            kernel.name(),
                             got[d],
                             want[d]
                         );
@@ -216,6 +233,11 @@ fn pages_and_merged_ranges_give_softmax_attention() {
         }
         // Two key ranges computed apart, merged.
         let mut parts = vec![];
+        let queries = {
+            let mut q = Queries::new(hd, false);
+            q.push(&qs[0]);
+            q
+        };
         for (start, len) in [(0usize, 16usize), (16, 21)] {
             let (kt, _, v, _) = pages(&keys[start * hd..], &values[start * hd..], len, hd, 32);
             let page = Page {
@@ -227,8 +249,9 @@ fn pages_and_merged_ranges_give_softmax_attention() {
                 scale,
                 next_keys: None,
             };
-            let mut s = Softmax::new(hd);
-            update(&[&qs[0]], &[len], &page, &mut [&mut s]);
+            let mut s = [Softmax::new(hd)];
+            update(Kernel::detect(), &[queries.get(0)], &[len], &page, &mut s);
+            let [s] = s;
             parts.push(s);
         }
         let b = parts.pop().unwrap();
@@ -240,5 +263,88 @@ fn pages_and_merged_ranges_give_softmax_attention() {
         for d in 0..hd {
             assert!((got[d] - want[d]).abs() < 1e-5);
         }
+    }
+}
+
+/// Int8 scores are integer sums times one factor per query, so every path gives the same bits as a direct sum:
+/// full pages of 2B-4T's head width, one to four queries, and codes at both ends of the range (where the x86
+/// path's offset of 128 and the i16 pair sums are at their limits).
+#[test]
+fn int8_scores_are_the_same_exact_sums_on_every_path() {
+    let (hd, n) = (128usize, MAX_KEYS);
+    let mut codes: Vec<i8> = (0..n * hd).map(|i| ((i * 7919 + 13) % 255) as i8).collect();
+    codes[..hd].fill(127);
+    codes[hd..2 * hd].fill(-127);
+    let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-3).collect();
+    let keys = layout_i8(&codes, n, hd, n, true);
+    let values = vec![0i8; n * hd];
+    for tile in 1..=QUERY_TILE {
+        let mut queries = Queries::new(hd, true);
+        for i in 0..tile {
+            let mut q = data(hd, 40 + i);
+            if i == 0 {
+                q.iter_mut()
+                    .enumerate()
+                    .for_each(|(d, x)| *x = if d % 2 == 0 { 3.0 } else { -3.0 });
+            }
+            queries.push(&q);
+        }
+        let q: Vec<Query<'_>> = (0..tile).map(|i| queries.get(i)).collect();
+        let page = Page {
+            keys: Rows::I8 {
+                q: &keys,
+                scales: &scales,
+            },
+            values: Rows::I8 {
+                q: &values,
+                scales: &scales,
+            },
+            n,
+            stride: n,
+            head_dim: hd,
+            scale: 0.088,
+            next_keys: None,
+        };
+        let mut want: Scores = [[0f32; MAX_KEYS]; QUERY_TILE];
+        for (i, query) in q.iter().enumerate() {
+            for j in 0..n {
+                let dot: i32 = (0..hd)
+                    .map(|d| query.codes[d] as i32 * codes[j * hd + d] as i32)
+                    .sum();
+                want[i][j] = dot as f32 * (page.scale * query.scale);
+            }
+        }
+        for kernel in Kernel::available() {
+            let mut got: Scores = [[0f32; MAX_KEYS]; QUERY_TILE];
+            int8_scores(kernel, &q, &page, &mut got);
+            for i in 0..tile {
+                for j in 0..n {
+                    assert_eq!(
+                        got[i][j].to_bits(),
+                        want[i][j].to_bits(),
+                        "kernel {} query {i} of {tile}, key {j}: {} vs {}",
+                        kernel.name(),
+                        got[i][j],
+                        want[i][j]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The int8 scores of `kernel`'s path.
+fn int8_scores(kernel: Kernel, queries: &[Query<'_>], page: &Page<'_>, out: &mut Scores) {
+    // SAFETY: the path's features are checked by `Path::choose`; the caller gives whole pages.
+    match Path::choose(kernel, page.head_dim) {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 { vnni: true } => unsafe { x86::scores_i8_vnni(queries, page, out) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 { vnni: false } => unsafe { x86::scores_i8_avx2(queries, page, out) },
+        #[cfg(target_arch = "aarch64")]
+        Path::Neon { dot: true } => unsafe { arm::scores_i8_sdot(queries, page, out) },
+        #[cfg(target_arch = "aarch64")]
+        Path::Neon { dot: false } => unsafe { arm::scores_i8(queries, page, out) },
+        Path::Portable => portable::scores(queries, page, out),
     }
 }
