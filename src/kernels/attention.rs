@@ -16,8 +16,9 @@
 //! the values (an AVX-512 version measured slower on a Xeon whose clock drops under 512-bit FMA), and
 //! `vpdpbusd` (AVX-512 VNNI, 256-bit) or `vpmaddwd` (AVX2) for int8 keys; on aarch64, NEON (f16 through
 //! `fcvtl`) and `sdot` (dotprod, Pi 5) or `smull`/`sadalp` (Pi 4) for int8 keys; and a portable path, the
-//! reference. Float paths agree up to the order of additions; int8 scores are exact integer sums, so every path
-//! gives the same bits.
+//! reference. Each path runs the whole update under its own target features, so the softmax step between the
+//! two passes is vectorized at its width too. Float paths agree up to the order of additions; int8 scores are
+//! exact integer sums, so every path gives the same bits.
 
 use crate::kernels::Kernel;
 
